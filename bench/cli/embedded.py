@@ -1,0 +1,61 @@
+"""`bench embedded`: train (reproduce) and inspect the embedded world's models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.cli.options import positive_int
+
+TRAINABLE = {
+    "pixel-ddpm": ("bench.embedded.pixel_ddpm", "pixel-ddpm"),
+    "feature-net": ("bench.embedded.feature_net", "feature-net"),
+}
+
+
+def add_parser(sub, argv: list[str]) -> None:
+    p = sub.add_parser("embedded", help="train or inspect the embedded world's models",
+                       description="The embedded shapes world: its models are trained by the project from seeds.")
+    esub = p.add_subparsers(dest="embedded_command", metavar="ACTION")
+    t = esub.add_parser("train", help="reproduce an embedded model from its recipe",
+                        description="Train an embedded model from its committed recipe on this machine. "
+                        "Writes the weights and RECIPE.json (with the measured wall time).")
+    t.add_argument("name", choices=sorted(TRAINABLE))
+    t.add_argument("--steps", type=positive_int, help="training steps (default: the recipe's)")
+    t.add_argument("--out", help="output folder (default: the committed weights' folder, overwritten)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=train)
+    r = esub.add_parser("render", help="save a grid of rendered scenes with their captions")
+    r.add_argument("--out", default="shapes-grid.png")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--resolution", type=positive_int, default=16)
+    r.add_argument("--count", type=positive_int, default=64)
+    r.set_defaults(func=render)
+
+
+def train(args) -> int:
+    import dataclasses
+    import importlib
+    import json
+
+    from bench.models import EMBEDDED_WEIGHTS
+
+    module_name, folder = TRAINABLE[args.name]
+    module = importlib.import_module(module_name)
+    recipe = module.Recipe() if args.steps is None else dataclasses.replace(module.Recipe(), steps=args.steps)
+    out = Path(args.out) if args.out else EMBEDDED_WEIGHTS / folder
+    record = module.train(out, recipe, progress=not args.no_progress)
+    print(json.dumps(record, indent=2))
+    print(f"saved to {out}")
+    return 0
+
+
+def render(args) -> int:
+    from bench.embedded.shapes import WorldConfig, render_set
+    from bench.runner import save_grid
+
+    images, scenes = render_set(args.seed, range(args.count), WorldConfig(args.resolution))
+    save_grid(images, Path(args.out))
+    for i, scene in enumerate(scenes[:8]):
+        print(f"{i}: {scene.caption}")
+    print(f"saved {args.count} scenes to {args.out}")
+    return 0

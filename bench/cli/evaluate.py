@@ -1,0 +1,75 @@
+"""`bench evaluate OUTPUT`: recompute a finished run's sample metrics from its saved shards, no sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.errors import BenchError
+
+SAMPLE_METRICS = ("fid", "kid")  # the ones that depend on the samples alone
+
+
+def add_parser(sub, argv: list[str]) -> None:
+    p = sub.add_parser("evaluate", help="recompute FID/KID of a run folder from its saved samples",
+                       description="Recompute the sample metrics of a run from OUTPUT/samples with the protocol in "
+                       "OUTPUT/config.json, and compare with OUTPUT/results.json. No model is loaded.")
+    p.add_argument("output", help="a run's output folder")
+    p.add_argument("--metrics", default=",".join(SAMPLE_METRICS), help="comma-separated (default: fid,kid)")
+    p.set_defaults(func=run)
+
+
+def load_samples(folder: Path):
+    import numpy as np
+
+    from bench.runner import SHARD_PATTERN
+
+    shards, k = [], 0
+    while (folder / "samples" / SHARD_PATTERN.format(k)).exists():
+        try:
+            shards.append(np.load(folder / "samples" / SHARD_PATTERN.format(k), allow_pickle=False))
+        except (ValueError, OSError) as exc:
+            raise BenchError(f"sample shard {k} in {folder} is unreadable: {exc}") from None
+        k += 1
+    if not shards:
+        raise BenchError(f"no sample shards in {folder / 'samples'}")
+    return np.concatenate(shards)
+
+
+def run(args) -> int:
+    import torch
+
+    from bench.catalog import DATASETS, METRICS
+    from bench.evaluation import EvalContext
+    from bench.spec import RunSpec
+
+    folder = Path(args.output)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{folder} is not a run folder (config.json: {exc})") from None
+    spec = RunSpec(**{**config["spec"], "metrics": tuple(config["spec"]["metrics"])})
+    names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    bad = [m for m in names if m not in SAMPLE_METRICS]
+    if bad:
+        raise BenchError(f"only {', '.join(SAMPLE_METRICS)} can be recomputed from samples, not {', '.join(bad)}")
+    samples = load_samples(folder)
+    if len(samples) != spec.num_samples:
+        raise BenchError(f"{folder} holds {len(samples)} samples but the run asked for {spec.num_samples}")
+    reference = DATASETS.get(spec.dataset)()
+    ctx = EvalContext(spec, torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous(), reference,
+                      torch.device(spec.device if spec.device == "cpu" or torch.cuda.is_available() else "cpu"))
+    values: dict[str, float] = {}
+    for name in names:
+        metric = METRICS.get(name)()
+        if metric.protocol(spec, reference) != config["protocol"]["metrics"].get(name, metric.protocol(spec, reference)):
+            raise BenchError(f"the {name} protocol changed since this run (extractor or reference set); refusing to compare")
+        values.update(metric.compute(ctx))
+    recorded = {}
+    if (folder / "results.json").exists():
+        recorded = json.loads((folder / "results.json").read_text()).get("values", {})
+    for key, value in values.items():
+        before = recorded.get(key)
+        note = "" if before is None else f"  (recorded {before:.6g}, {'same' if abs(before - value) <= 1e-9 * max(1, abs(value)) else 'DIFFERENT'})"
+        print(f"  {key:<10} {value:.6g}{note}")
+    return 0

@@ -1,0 +1,127 @@
+"""Options shared by `bench run` and `bench sweep`, and the method-specific options.
+
+Every option defaults to None so the precedence rule (CLI > --config file > RunSpec
+defaults) can tell "not given" from "given".
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from bench.spec import DEFAULT_METRICS, DTYPES, RunSpec
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise argparse.ArgumentTypeError("must name at least one item")
+    return items
+
+
+def add_spec_options(p: argparse.ArgumentParser, method_required: bool = False) -> None:
+    d = RunSpec()
+    g = p.add_argument_group("run specification (CLI > --config file > defaults)")
+    g.add_argument("--config", metavar="FILE", help="YAML or JSON file of run fields (method, steps, num_samples, ...)")
+    g.add_argument("--model", help="registered model, save_pretrained folder or hub id (default: the data set's model)")
+    g.add_argument("--dataset", help=f"reference data set for the metrics (default: {d.dataset})")
+    g.add_argument("--num-samples", "-n", type=positive_int, help=f"images to generate (default: {d.num_samples})")
+    g.add_argument("--batch-size", type=positive_int, help=f"images per batch (default: {d.batch_size})")
+    g.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    g.add_argument("--dtype", choices=DTYPES, help=f"model dtype (default: {d.dtype})")
+    g.add_argument("--metrics", type=comma_list, help=f"comma-separated metrics (default: {','.join(DEFAULT_METRICS)})")
+    g.add_argument("--warmup-batches", type=non_negative_int, help=f"batches left out of latency (default: {d.warmup_batches})")
+    g.add_argument("--experiment", help=f"MLflow experiment (default: {d.experiment})")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def method_option_type(field: dataclasses.Field):
+    annotation = str(field.type).replace(" ", "")
+    if annotation.startswith("float"):
+        return float
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("bool"):
+        return lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+    return str
+
+
+def add_method_options(p: argparse.ArgumentParser, method_name: str, only: list[str] | None = None) -> list[str]:
+    """Add the fields of the method's Args (or those in ``only``) as --options; return their names."""
+    from bench.catalog import METHODS
+
+    cls = METHODS.get(method_name)
+    g = p.add_argument_group(f"options of method {method_name!r} ({cls.paper})")
+    dests = []
+    for f in dataclasses.fields(cls.Args):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"m_{f.name}", type=method_option_type(f),
+                       metavar=f.name.upper(), default=None,
+                       help=f"{f.metadata.get('help', '')} (default: {default})".strip())
+        dests.append(f.name)
+    return dests
+
+
+def spec_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunSpec fields given on the command line (None where not given)."""
+    return {
+        "model": args.model,
+        "dataset": args.dataset,
+        "num_samples": args.num_samples,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "metrics": args.metrics,
+        "warmup_batches": args.warmup_batches,
+        "experiment": args.experiment,
+    }
+
+
+def method_values(args: argparse.Namespace, dests: list[str]) -> dict[str, Any]:
+    return {d: getattr(args, f"m_{d}") for d in dests if getattr(args, f"m_{d}", None) is not None}
+
+
+def scan_option(argv: list[str], name: str) -> str | None:
+    """The value of ``--name`` in argv (``--name X`` or ``--name=X``), before full parsing."""
+    for i, token in enumerate(argv):
+        if token == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith(name + "="):
+            return token.split("=", 1)[1]
+    return None
+
+
+def methods_named(argv: list[str], default: str) -> tuple[str, ...]:
+    """Methods named by --method (a comma list for sweeps), else by --config's file, else the default."""
+    value = scan_option(argv, "--method")
+    if value is None:
+        config = scan_option(argv, "--config")
+        if config:
+            from bench.spec import load_spec_file
+
+            value = load_spec_file(config).get("method")
+    return tuple(m.strip() for m in (value or default).split(",") if m.strip())

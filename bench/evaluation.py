@@ -1,0 +1,130 @@
+"""What metric stages see: the run's samples, the reference set, the timings; features cached at stage boundaries.
+
+Reference features are cached on disk as safetensors under a key that spells out
+their whole provenance (reference set identity, extractor, its weights digest,
+layer, batch size); generated-sample features are computed once per run and
+shared by FID, KID and precision/recall.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.interfaces import ReferenceSet
+from bench.spec import RunSpec, stable_hash
+
+FEATURE_BATCH_SIZE = 200
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIFFBENCH_CACHE", Path("~/.cache/diffbench").expanduser()))
+
+
+@dataclass
+class SamplingTimings:
+    batch_seconds: list[float] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_calls: list[int] = field(default_factory=list)  # denoiser calls per batch (NFE)
+    call_seconds: list[list[float]] = field(default_factory=list)  # per batch, per call
+    peak_memory_bytes: int = 0
+    memory_source: str = ""
+
+
+class UInt8Images(torch.utils.data.Dataset):
+    """A uint8 [N, 3, H, W] tensor as the Dataset torch-fidelity's feature stage takes."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+@dataclass
+class EvalContext:
+    spec: RunSpec
+    samples: torch.Tensor  # uint8 [N, 3, H, W]
+    reference: ReferenceSet
+    device: torch.device
+    timings: SamplingTimings = field(default_factory=SamplingTimings)
+    _features: dict[Any, torch.Tensor] = field(default_factory=dict)
+    _extractors: dict[Any, Any] = field(default_factory=dict)
+
+    def extractor(self, name: str, layer: str):
+        from torch_fidelity.utils import create_feature_extractor
+
+        key = (name, layer)
+        if key not in self._extractors:
+            from metrics.fidelity import ensure_registered
+
+            ensure_registered()
+            self._extractors[key] = create_feature_extractor(
+                name, [layer], cuda=self.device.type == "cuda", verbose=False
+            )
+        return self._extractors[key]
+
+    def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        fe = self.extractor(name, layer)
+        feats = get_featuresdict_from_dataset(
+            dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
+        )
+        return feats[layer].double()
+
+    def sample_features(self, name: str, layer: str) -> torch.Tensor:
+        key = ("samples", name, layer)
+        if key not in self._features:
+            self._features[key] = self._extract(UInt8Images(self.samples), name, layer)
+        return self._features[key]
+
+    def reference_features(self, name: str, layer: str, extractor_digest: str) -> torch.Tensor:
+        key = ("reference", name, layer)
+        if key in self._features:
+            return self._features[key]
+        provenance = {
+            "reference": self.reference.identity(),
+            "extractor": name,
+            "extractor_digest": extractor_digest,
+            "layer": layer,
+            "batch_size": FEATURE_BATCH_SIZE,
+            "device": self.device.type,
+        }
+        path = cache_dir() / "reference-features" / f"{self.reference.name}-{name}-{stable_hash(provenance)}.safetensors"
+        feats = load_cached(path)
+        if feats is None:
+            feats = self._extract(self.reference.dataset(), name, layer)
+            save_cached(path, feats, provenance)
+        self._features[key] = feats
+        return feats
+
+
+def load_cached(path: Path) -> torch.Tensor | None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))["features"]
+    except (SafetensorError, KeyError, OSError):  # a damaged cache entry is recomputed, never trusted
+        return None
+
+
+def save_cached(path: Path, features: torch.Tensor, provenance: dict) -> None:
+    from safetensors.torch import save_file
+
+    from bench.spec import canonical_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"features": features.contiguous()}, str(tmp), metadata={"provenance": canonical_json(provenance)})
+    os.replace(tmp, path)

@@ -1,0 +1,131 @@
+"""Loading diffusion models: the embedded ones, hub ids and local folders, through one code path.
+
+Both the ``DDPMPipeline`` layout (``unet/``, ``scheduler/``) and the flat layout of
+google/ddpm-cifar10-32 (``config.json``, weights and ``scheduler_config.json`` at
+the root) load with diffusers' ``from_pretrained``. Nothing is unpickled:
+safetensors are preferred, and diffusers reads ``.bin`` files with
+``weights_only=True``. Offline, a missing checkpoint is one line that says what
+to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+from bench.interfaces import DiffusionModel
+
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def file_digest(paths: list[Path], extra: Any = None) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    if extra is not None:
+        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def resolve_folder(source: str) -> Path:
+    """A local folder as is; a hub id through the local Hugging Face cache (downloading when online)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BenchError(f"model path {source} is not a folder (expected a save_pretrained folder)")
+        return path
+    if source.count("/") != 1 or source.startswith((".", "/", "~")):
+        raise BenchError(f"model folder {source} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                source,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "**/*.json", "**/*.safetensors", "**/*.txt"],
+            )
+        )
+    except Exception:  # offline, unknown repo, gated: all mean the files are not here
+        raise BenchError(
+            f"model {source} is not in the local Hugging Face cache and cannot be downloaded here: "
+            f"run `hf download {source}` on a machine with network access (HF_HOME={_hf_home()}), "
+            f"or save it with save_pretrained to a folder and pass --model PATH"
+        ) from None
+
+
+def _hf_home() -> str:
+    return os.environ.get("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
+
+
+def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
+    """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    folder = resolve_folder(source)
+    nested = (folder / "unet" / "config.json").exists()
+    unet_dir = folder / "unet" if nested else folder
+    sched_dir = folder / "scheduler" if nested else folder
+    if not (unet_dir / "config.json").exists():
+        raise BenchError(f"{folder} is not a diffusers UNet2DModel folder (no config.json in it or in unet/)")
+    weights = [p for p in unet_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise BenchError(f"no weights file (*.safetensors or *.bin) in {unet_dir}")
+    sched_file = sched_dir / "scheduler_config.json"
+    try:
+        sched_config = json.loads(sched_file.read_text())
+    except FileNotFoundError:
+        raise BenchError(f"no scheduler_config.json in {sched_dir}") from None
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{sched_file} is not valid JSON: {exc}") from None
+    if "timesteps" in sched_config and "num_train_timesteps" not in sched_config:  # legacy key (ddpm-cifar10-32)
+        sched_config["num_train_timesteps"] = sched_config.pop("timesteps")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=any(p.suffix == ".safetensors" for p in weights))
+        scheduler = DDPMScheduler.from_config(sched_config)
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
+    config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return DiffusionModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(weights, extra={"unet": dict(unet.config), "scheduler": config}),
+        kind="pixel-diffusion",
+        unet=unet.eval().requires_grad_(False),
+        scheduler_config=config,
+        sample_shape=(unet.config.out_channels, h, w),
+        embedded=embedded,
+    )
+
+
+def embedded_pixel_ddpm() -> DiffusionModel:
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm"), name="embedded-ddpm", embedded=True)
+
+
+def ddpm_cifar10() -> DiffusionModel:
+    return load_pixel_diffusion("google/ddpm-cifar10-32", name="google/ddpm-cifar10-32")
+
+
+def load_model(name: str) -> DiffusionModel:
+    """A registered model by name, else a local folder or hub id through the generic loader."""
+    from bench.catalog import MODELS
+
+    if name in MODELS:
+        return MODELS.get(name)()
+    if "/" in name or name.startswith(("~", ".")) or Path(name).exists():  # a folder or a hub id
+        return load_pixel_diffusion(name)
+    raise BenchError(MODELS.unknown_message(name) + "; or pass a save_pretrained folder or a hub id (org/name)")

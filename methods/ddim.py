@@ -1,0 +1,37 @@
+"""DDIM: Song, Meng and Ermon, "Denoising Diffusion Implicit Models", ICLR 2021 (arXiv 2010.02502)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.interfaces import MethodCard
+from methods.sampling import SchedulerSampler, ZeroTerminalSNRArgs
+
+
+@dataclass(frozen=True)
+class DDIMArgs(ZeroTerminalSNRArgs):
+    eta: float = field(default=0.0, metadata={"help": "0: deterministic DDIM; 1: DDPM-like noise (Song et al. eq. 16)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= float(self.eta) <= 1.0:
+            raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
+
+
+class DDIM(SchedulerSampler):
+    name = "ddim"
+    summary = "DDIM sampler (eta interpolates deterministic DDIM and DDPM-like noise)"
+    paper = "Song et al. 2021, Denoising Diffusion Implicit Models"
+    card = MethodCard(
+        citation="Jiaming Song, Chenlin Meng, Stefano Ermon. Denoising Diffusion Implicit Models. ICLR 2021.",
+        url="https://arxiv.org/abs/2010.02502",
+        reproduces="Table 1: FID falls with the number of steps, and eta=0 beats eta=1 at few steps.",
+        reference="CIFAR-10 FID, eta=0: 13.36 / 6.84 / 4.67 / 4.16 / 4.04 at 10 / 20 / 50 / 100 / 1000 steps.",
+        embedded_claim="DDIM 50 steps has a clearly lower FID than DDIM 5 on shapes16 (README table).",
+    )
+    Args = DDIMArgs
+    scheduler_class = "DDIMScheduler"
+
+    def step_kwargs(self) -> dict[str, Any]:
+        return {"eta": float(self.args.eta)}

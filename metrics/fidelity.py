@@ -1,0 +1,160 @@
+"""FID and KID through torch-fidelity's stages: features -> statistics -> score.
+
+The feature extractor is the data set's: ``inception-v3-compat`` (torch-fidelity's
+port of the TF Inception, pool3, 2048-d) for real data sets, ``shapes-cnn16``
+(64-d) for the shapes world. Features are accumulated in float64 before the
+statistics; the trace of sqrt(S1 S2) is torch-fidelity's sum of square roots of
+the eigenvalues of S1 S2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from bench.errors import BenchError
+from bench.interfaces import Metric, ReferenceSet
+
+KEY_FID = "fid"
+KEY_KID_MEAN = "kid_mean"
+KEY_KID_STD = "kid_std"
+KID_SUBSETS = 100
+KID_SUBSET_SIZE_MAX = 1000
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@dataclass(frozen=True)
+class ExtractorInfo:
+    name: str
+    layer: str
+    dim: int
+    digest: Callable[[], str]
+    preflight: Callable[[], None]
+    resize: str
+
+
+def _shapes_digest() -> str:
+    from bench.models import file_digest
+    from metrics.feature_extractor_shapes import WEIGHTS_DIR
+
+    path = WEIGHTS_DIR / "model.safetensors"
+    if not path.exists():
+        raise BenchError(f"the embedded feature network is missing ({path}); rebuild it with `bench embedded train feature-net`")
+    return file_digest([path])
+
+
+def _inception_path() -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+
+
+def _inception_preflight() -> None:
+    import os
+
+    path = _inception_path()
+    if not path.exists() and os.environ.get("DIFFBENCH_ALLOW_DOWNLOADS") != "1":
+        raise BenchError(
+            f"torch-fidelity's InceptionV3 weights are not at {path}: download {INCEPTION_WEIGHTS} from "
+            f"torch-fidelity's v0.2.0 release into {path.parent} (or set DIFFBENCH_ALLOW_DOWNLOADS=1 where online)"
+        )
+
+
+EXTRACTORS: dict[str, ExtractorInfo] = {
+    "shapes-cnn16": ExtractorInfo(
+        "shapes-cnn16", "embedding", 64, _shapes_digest, lambda: None, "bilinear-antialias to 16x16 if needed"
+    ),
+    "inception-v3-compat": ExtractorInfo(
+        "inception-v3-compat", "2048", 2048, lambda: INCEPTION_WEIGHTS, _inception_preflight, "torch-fidelity legacy TF bilinear to 299"
+    ),
+}
+
+
+def ensure_registered() -> None:
+    from metrics.feature_extractor_shapes import register
+
+    register()
+
+
+def extractor_for(reference: ReferenceSet) -> ExtractorInfo:
+    return EXTRACTORS[reference.feature_extractor]
+
+
+class FeatureMetric(Metric):
+    """Shared protocol of the metrics computed on the data set's feature extractor."""
+
+    def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
+        info = extractor_for(reference)
+        return {
+            "feature_extractor": info.name,
+            "feature_layer": info.layer,
+            "feature_dim": info.dim,
+            "extractor_digest": info.digest(),
+            "resize": info.resize,
+            "reference": reference.identity(),
+            "num_samples": spec.num_samples,
+            "embedded": reference.embedded,
+        }
+
+    def check(self, spec, reference: ReferenceSet) -> None:
+        info = extractor_for(reference)
+        info.preflight()
+        info.digest()
+
+
+class FID(FeatureMetric):
+    name = "fid"
+    summary = "Frechet distance between feature Gaussians (Heusel et al. 2017), via torch-fidelity"
+
+    def check(self, spec, reference: ReferenceSet) -> None:
+        super().check(spec, reference)
+        dim = extractor_for(reference).dim
+        if spec.num_samples < 2 * dim:
+            raise BenchError(
+                f"FID on {dim}-d {reference.feature_extractor} features needs at least {2 * dim} samples "
+                f"(twice the feature dimension, for a full-rank covariance); got --num-samples {spec.num_samples}"
+            )
+
+    def compute(self, ctx) -> dict[str, float]:
+        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+        info = extractor_for(ctx.reference)
+        gen = ctx.sample_features(info.name, info.layer)
+        ref = ctx.reference_features(info.name, info.layer, info.digest())
+        score = fid_statistics_to_metric(fid_features_to_statistics(gen), fid_features_to_statistics(ref), verbose=False)
+        return {KEY_FID: float(score[KEY_METRIC_FID])}
+
+
+def kid_subset_size(num_samples: int) -> int:
+    return min(KID_SUBSET_SIZE_MAX, num_samples // 2)
+
+
+class KID(FeatureMetric):
+    name = "kid"
+    summary = "Kernel distance, unbiased at small N (Binkowski et al. 2018), mean and std over subsets"
+
+    def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
+        return {
+            **super().protocol(spec, reference),
+            "kid_subsets": KID_SUBSETS,
+            "kid_subset_size": kid_subset_size(spec.num_samples),
+            "kid_kernel": "poly degree 3, coef0 1, gamma 1/d",
+            "kid_rng_seed": 2020,
+        }
+
+    def check(self, spec, reference: ReferenceSet) -> None:
+        super().check(spec, reference)
+        if kid_subset_size(spec.num_samples) < 2:
+            raise BenchError(f"KID needs at least 4 samples (two subsets of two); got --num-samples {spec.num_samples}")
+
+    def compute(self, ctx) -> dict[str, float]:
+        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+        info = extractor_for(ctx.reference)
+        gen = ctx.sample_features(info.name, info.layer)
+        ref = ctx.reference_features(info.name, info.layer, info.digest())
+        out = kid_features_to_metric(
+            gen, ref, kid_subsets=KID_SUBSETS, kid_subset_size=kid_subset_size(len(gen)), rng_seed=2020, verbose=False
+        )
+        return {KEY_KID_MEAN: float(out[KEY_METRIC_KID_MEAN]), KEY_KID_STD: float(out[KEY_METRIC_KID_STD])}

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny pixel DDPM saved in the real diffusers layout, and an isolated environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=4,
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """No network, a private cache, and single-threaded-friendly torch for every test."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = dict(os.environ)
+    os.environ["DIFFBENCH_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def save_tiny_ddpm(folder: Path, seed: int = 0, flat: bool = False) -> Path:
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    from bench.embedded.pixel_ddpm import SCHEDULER_CONFIG
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**TINY_UNET)
+    scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
+    if flat:  # the layout of google/ddpm-cifar10-32: everything at the root, legacy scheduler keys
+        import json
+
+        unet.save_pretrained(folder, safe_serialization=True)
+        config = {"_class_name": "GaussianDDPMScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+                  "beta_start": 0.0001, "timesteps": 1000, "variance_type": "fixed_large"}
+        (folder / "scheduler_config.json").write_text(json.dumps(config))
+    else:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_ddpm(tmp_path_factory.mktemp("tiny-ddpm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from bench.models import load_pixel_diffusion
+
+    return load_pixel_diffusion(str(tiny_model_dir), name="tiny")
