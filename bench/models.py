@@ -116,6 +116,10 @@ def embedded_pixel_ddpm() -> DiffusionModel:
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm"), name="embedded-ddpm", embedded=True)
 
 
+def embedded_pixel_ddpm_zsnr() -> DiffusionModel:
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm-zsnr"), name="embedded-ddpm-zsnr", embedded=True)
+
+
 def ddpm_cifar10() -> DiffusionModel:
     return load_pixel_diffusion("google/ddpm-cifar10-32", name="google/ddpm-cifar10-32")
 

@@ -7,6 +7,7 @@ atomic shard, computes the metrics once over all samples, and records the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -91,9 +92,6 @@ def plan_run(spec: RunSpec) -> Plan:
     device = resolve_device(spec.device)
     reference = reference_cls()
     model_name = spec.model or reference.default_model
-
-    import dataclasses
-
     spec = spec.replace(model=model_name, device=str(device), method_args=dataclasses.asdict(args))
     metrics = {name: cls() for name, cls in metric_classes.items()}
     for metric in metrics.values():
@@ -285,15 +283,24 @@ def run_tags(plan: Plan, samples_sha: str | None = None) -> dict[str, str]:
     return tags
 
 
-def execute(plan: Plan, tracker, progress: bool = True) -> RunResult:
-    """Sample, evaluate, record. The MLflow run ends FAILED if anything raises; shards stay on disk."""
+def execute(plan: Plan, tracker, progress: bool = True, extra_tags: dict[str, str] | None = None) -> RunResult:
+    """Sample, evaluate, record. The MLflow run ends FAILED if anything raises; shards stay on disk.
+
+    If the tracking store stops answering mid-run, the results stay in the output folder
+    with the run's record (PENDING_RECORD) for `bench sync`; the run still succeeds.
+    """
+    import sys
+
+    from bench.tracking import PENDING_RECORD
+
     out = plan.output
     config = {"spec": plan.spec.to_dict(), "protocol": plan.protocol, "protocol_hash": plan.protocol_hash,
               "eval_protocol_hash": plan.eval_protocol_hash}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    (out / PENDING_RECORD).unlink(missing_ok=True)  # a rerun into the same folder replaces its record
     name = plan.spec.run_name or f"{plan.spec.method}-{plan.spec.steps}steps-seed{plan.spec.seed}"
     params = {"spec": plan.spec.to_dict(), "protocol": {k: v for k, v in plan.protocol.items() if k != "spec"}}
-    with tracker.run(name, params, run_tags(plan)) as tracked:
+    with tracker.run(name, params, {**run_tags(plan), **(extra_tags or {})}) as tracked:
         samples, timings = sample(plan, progress=progress)
         digest = samples_digest(samples)
         save_grid(samples, out / "grid.png")
@@ -305,4 +312,10 @@ def execute(plan: Plan, tracker, progress: bool = True) -> RunResult:
         tracked.set_tags({"samples_sha256": digest, "output": str(out.resolve())})
         for artifact in ("grid.png", "config.json", "results.json"):
             tracked.log_artifact(out / artifact)
+    if tracked.offline:
+        spooled = tracked.spool(out)
+        print(f"bench: warning: the MLflow store {tracker.uri} stopped answering ({tracked.error}); the results are "
+              f"kept in {out} ({spooled.name}); upload them with `bench sync --output-root {out.parent}`",
+              file=sys.stderr, flush=True)
+        return RunResult(plan, values, out, digest, None)
     return RunResult(plan, values, out, digest, tracked.run_id)

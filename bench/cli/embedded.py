@@ -6,9 +6,13 @@ from pathlib import Path
 
 from bench.cli.options import positive_int
 
-TRAINABLE = {
-    "pixel-ddpm": ("bench.embedded.pixel_ddpm", "pixel-ddpm"),
-    "feature-net": ("bench.embedded.feature_net", "feature-net"),
+TRAINABLE = {  # name: (module, recipe class, weights folder)
+    "pixel-ddpm": ("bench.embedded.pixel_ddpm", "Recipe", "pixel-ddpm"),
+    "pixel-ddpm-zsnr": ("bench.embedded.pixel_ddpm", "ZeroSNRRecipe", "pixel-ddpm-zsnr"),
+    "feature-net": ("bench.embedded.feature_net", "Recipe", "feature-net"),
+    # -- text-to-image world (32x32) --
+    "tokenizer": ("bench.embedded.tokenizer", "Recipe", "t2i/tokenizer"),
+    "feature-net32": ("bench.embedded.feature_net", "Recipe32", "feature-net32"),
 }
 
 
@@ -39,9 +43,11 @@ def train(args) -> int:
 
     from bench.models import EMBEDDED_WEIGHTS
 
-    module_name, folder = TRAINABLE[args.name]
+    module_name, recipe_name, folder = TRAINABLE[args.name]
     module = importlib.import_module(module_name)
-    recipe = module.Recipe() if args.steps is None else dataclasses.replace(module.Recipe(), steps=args.steps)
+    recipe = getattr(module, recipe_name)()
+    if args.steps is not None:
+        recipe = dataclasses.replace(recipe, steps=args.steps)
     out = Path(args.out) if args.out else EMBEDDED_WEIGHTS / folder
     record = module.train(out, recipe, progress=not args.no_progress)
     print(json.dumps(record, indent=2))

@@ -6,8 +6,15 @@ the layout of google/ddpm-cifar10-32, so it loads through the same
 the one of google/ddpm-cifar10-32 (linear betas 1e-4..0.02, 1000 steps,
 epsilon prediction, clipped samples).
 
-Reproduce with ``bench embedded train pixel-ddpm`` (the recipe and the measured
-wall time are written to ``RECIPE.json`` beside the weights).
+The zero-terminal-SNR variant (Lin et al. 2023, "Common Diffusion Noise
+Schedules and Sample Steps are Flawed") is the same network trained with the
+betas rescaled to zero terminal SNR and v-prediction, so that its claim (very
+dark and very bright images become reachable) can be measured on the shapes
+world's black and white backgrounds.
+
+Reproduce with ``bench embedded train pixel-ddpm`` or ``bench embedded train
+pixel-ddpm-zsnr`` (the recipe and the measured wall time are written to
+``RECIPE.json`` beside the weights).
 """
 
 from __future__ import annotations
@@ -48,6 +55,12 @@ SCHEDULER_CONFIG = dict(
     prediction_type="epsilon",
 )
 
+# Lin et al. 2023, section 3: rescaled betas (Algorithm 1), v-prediction (section 3.2), trailing spacing (3.3)
+ZERO_SNR_SCHEDULER_CONFIG = dict(
+    SCHEDULER_CONFIG, prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+)
+VARIANTS = {"standard": SCHEDULER_CONFIG, "zero-snr": ZERO_SNR_SCHEDULER_CONFIG}
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -60,6 +73,12 @@ class Recipe:
     threads: int = 2
     data_seed: int = TRAIN_SEED
     resolution: int = 16
+    variant: str = "standard"  # or "zero-snr"
+
+
+@dataclass(frozen=True)
+class ZeroSNRRecipe(Recipe):
+    variant: str = "zero-snr"
 
 
 def build_unet():
@@ -68,10 +87,10 @@ def build_unet():
     return UNet2DModel(**UNET_CONFIG)
 
 
-def build_scheduler():
+def build_scheduler(variant: str = "standard"):
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**SCHEDULER_CONFIG)
+    return DDPMScheduler(**VARIANTS[variant])
 
 
 def _batch(recipe: Recipe, step: int) -> torch.Tensor:
@@ -89,7 +108,7 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
 
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
-    unet, scheduler = build_unet(), build_scheduler()
+    unet, scheduler = build_unet(), build_scheduler(recipe.variant)
     ema = EMAModel(unet.parameters(), decay=recipe.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
 
@@ -108,7 +127,8 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, noise)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(xt, t).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -123,8 +143,8 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     out_dir = Path(out_dir)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
     record = {
-        "model": "pixel-ddpm",
-        "command": "bench embedded train pixel-ddpm",
+        "model": "pixel-ddpm" if recipe.variant == "standard" else "pixel-ddpm-zsnr",
+        "command": f"bench embedded train {'pixel-ddpm' if recipe.variant == 'standard' else 'pixel-ddpm-zsnr'}",
         "recipe": asdict(recipe),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "wall_time_s": round(wall, 1),
