@@ -1,8 +1,9 @@
-"""torch-fidelity feature extractor ``shapes-cnn16``: the embedded feature network's 64-d embedding.
+"""torch-fidelity feature extractors ``shapes-cnn16`` and ``shapes-cnn32``: the embedded feature networks' 64-d embedding.
 
 Registered with ``torch_fidelity.register_feature_extractor`` so that torch-fidelity's
 FID, KID and precision/recall stages run on the shapes world exactly as they run on
-Inception features for real data sets.
+Inception features for real data sets. ``shapes-cnn32`` is the network of the 32x32
+text-to-image world (one or two objects).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
-from bench.embedded.feature_net import HEADS, ShapesCNN, to_input
+from bench.embedded.feature_net import HEADS, HEADS_TWO_OBJECTS, ShapesCNN, to_input
 
 NAME = "shapes-cnn16"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "embedded" / "weights" / "feature-net"
 FEATURES = ("embedding",) + tuple(f"logits_{k}" for k in HEADS)
+NAME32 = "shapes-cnn32"
+WEIGHTS_DIR32 = WEIGHTS_DIR.parent / "feature-net32"
+FEATURES32 = ("embedding",) + tuple(f"logits_{k}" for k in HEADS_TWO_OBJECTS)
 
 
 def load_network(weights_dir: Path = WEIGHTS_DIR) -> ShapesCNN:
@@ -29,20 +33,23 @@ def load_network(weights_dir: Path = WEIGHTS_DIR) -> ShapesCNN:
     try:
         config = json.loads((Path(weights_dir) / "config.json").read_text())
         state = load_file(str(Path(weights_dir) / "model.safetensors"))
-        net = ShapesCNN(config["resolution"], config["embed_dim"])
+        net = ShapesCNN(config["resolution"], config["embed_dim"], config.get("heads"))
         net.load_state_dict(state)
+        net.feature_scale = float(config.get("feature_scale", 1.0))
     except Exception as exc:  # missing, truncated or mismatched files
         raise BenchError(
             f"cannot load the embedded feature network from {weights_dir} ({type(exc).__name__}); "
-            f"rebuild it with `bench embedded train feature-net`"
+            f"rebuild it with `bench embedded train {Path(weights_dir).name}`"
         ) from None
     return net.eval().requires_grad_(False)
 
 
 class ShapesFeatureExtractor(FeatureExtractorBase):
+    weights_dir = WEIGHTS_DIR
+
     def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
         super().__init__(name, features_list)
-        self.net = load_network(Path(feature_extractor_weights_path) if feature_extractor_weights_path else WEIGHTS_DIR)
+        self.net = load_network(Path(feature_extractor_weights_path) if feature_extractor_weights_path else self.weights_dir)
 
     @staticmethod
     def get_provided_features_list():
@@ -68,8 +75,21 @@ class ShapesFeatureExtractor(FeatureExtractorBase):
         if x.shape[-2:] != (r, r):  # bilinear with antialiasing; the protocol records it
             x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
         out = self.net(x)
-        features = {"embedding": out["embedding"], **{f"logits_{k}": out[k] for k in HEADS}}
+        # the embedding on a unit scale (bench.embedded.feature_net.embedding_scale)
+        features = {"embedding": out["embedding"] / self.net.feature_scale, **{f"logits_{k}": out[k] for k in self.net.heads}}
         return tuple(features[name] for name in self.features_list)
+
+
+class ShapesFeatureExtractor32(ShapesFeatureExtractor):
+    weights_dir = WEIGHTS_DIR32
+
+    @staticmethod
+    def get_provided_features_list():
+        return FEATURES32
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
 
 
 def register() -> None:
@@ -77,3 +97,5 @@ def register() -> None:
 
     if NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(NAME, ShapesFeatureExtractor)
+    if NAME32 not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(NAME32, ShapesFeatureExtractor32)

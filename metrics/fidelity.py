@@ -34,14 +34,14 @@ class ExtractorInfo:
     resize: str
 
 
-def _shapes_digest() -> str:
+def _shapes_digest(folder: str = "feature-net") -> str:
     from bench.models import file_digest
     from metrics.feature_extractor_shapes import WEIGHTS_DIR
 
-    path = WEIGHTS_DIR / "model.safetensors"
+    path = WEIGHTS_DIR.parent / folder / "model.safetensors"
     if not path.exists():
-        raise BenchError(f"the embedded feature network is missing ({path}); rebuild it with `bench embedded train feature-net`")
-    return file_digest([path])
+        raise BenchError(f"the embedded feature network is missing ({path}); rebuild it with `bench embedded train {folder}`")
+    return file_digest([path, path.with_name("config.json")])  # the config holds the feature scale
 
 
 def _inception_path() -> Path:
@@ -64,6 +64,10 @@ def _inception_preflight() -> None:
 EXTRACTORS: dict[str, ExtractorInfo] = {
     "shapes-cnn16": ExtractorInfo(
         "shapes-cnn16", "embedding", 64, _shapes_digest, lambda: None, "bilinear-antialias to 16x16 if needed"
+    ),
+    "shapes-cnn32": ExtractorInfo(
+        "shapes-cnn32", "embedding", 64, lambda: _shapes_digest("feature-net32"), lambda: None,
+        "bilinear-antialias to 32x32 if needed",
     ),
     "inception-v3-compat": ExtractorInfo(
         "inception-v3-compat", "2048", 2048, lambda: INCEPTION_WEIGHTS, _inception_preflight, "torch-fidelity legacy TF bilinear to 299"
@@ -98,6 +102,9 @@ class FeatureMetric(Metric):
         }
 
     def check(self, spec, reference: ReferenceSet) -> None:
+        if not reference.has_images:
+            raise BenchError(f"{self.name} needs reference images, and data set {reference.name} has only prompts; "
+                             f"leave {self.name} out of --metrics or use a data set with images")
         info = extractor_for(reference)
         info.preflight()
         info.digest()
