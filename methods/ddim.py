@@ -26,7 +26,8 @@ class DDIM(SchedulerSampler):
     card = MethodCard(
         citation="Jiaming Song, Chenlin Meng, Stefano Ermon. Denoising Diffusion Implicit Models. ICLR 2021.",
         url="https://arxiv.org/abs/2010.02502",
-        reproduces="Table 1: FID falls with the number of steps, and eta=0 beats eta=1 at few steps.",
+        reproduces="Table 1: FID falls with the number of steps, and eta=0 beats eta=1 at few steps. eta=0 matches "
+        "a from-the-paper eq. 12 to 1e-5 relative (tests/test_samplers.py).",
         reference="CIFAR-10 FID, eta=0: 13.36 / 6.84 / 4.67 / 4.16 / 4.04 at 10 / 20 / 50 / 100 / 1000 steps.",
         embedded_claim="DDIM 50 steps has a clearly lower FID than DDIM 5 on shapes16 (README table).",
     )

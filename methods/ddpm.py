@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.interfaces import MethodCard
-from methods.sampling import SchedulerSampler
+from methods.sampling import SchedulerSampler, ZeroTerminalSNRArgs
 
 
 @dataclass(frozen=True)
-class DDPMArgs:
+class DDPMArgs(ZeroTerminalSNRArgs):
     variance_type: str | None = field(
         default=None,
         metadata={"help": "fixed_large: sigma^2 = beta_t (the DDIM paper's sigma-hat); fixed_small: the posterior "
@@ -18,6 +18,7 @@ class DDPMArgs:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.variance_type not in (None, "fixed_small", "fixed_large"):
             raise ValueError(f"--variance-type must be fixed_small or fixed_large, got {self.variance_type!r}")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 
@@ -20,10 +20,24 @@ from bench.interfaces import DiffusionModel, Method
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 
-# Entries of a model's scheduler config that are sampling choices, not part of the training schedule: a
-# DDPMScheduler saves its own default spacing, which must not override the sampler's (diffusers drops such
-# defaults through ``_use_default_values``, which the loaded model config no longer carries).
-SAMPLING_CHOICES = ("timestep_spacing",)
+# Sampling choices a model's scheduler config may carry, with DDPMScheduler's defaults for them. An explicit
+# choice (trailing spacing for a zero-terminal-SNR model, Lin et al. 2023, 3.3) is the model's own; a default is
+# not, and must not override the sampler's (diffusers drops defaults through ``_use_default_values``).
+SAMPLING_CHOICES = {"timestep_spacing": "leading"}
+
+
+def sampler_base_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's scheduler config less the sampling choices it only inherited from DDPMScheduler's defaults.
+
+    Where the config no longer lists its defaults (bench.models drops ``_use_default_values``), a choice equal to
+    DDPMScheduler's default counts as one: an explicit "leading" then yields to the sampler's own default.
+    """
+    config = dict(model_config)
+    defaults = config.pop("_use_default_values", None)
+    for key, default in SAMPLING_CHOICES.items():
+        if key in config and (key in defaults if defaults is not None else config[key] == default):
+            del config[key]
+    return config
 
 
 @dataclass(frozen=True)
@@ -44,7 +58,8 @@ class TimestepSpacingArgs(SamplerArgs):
     timestep_spacing: str | None = field(
         default=None,
         metadata={"help": "leading, linspace or trailing (Lin et al. 2023, Table 2; trailing starts at the last "
-                  "training timestep); default: the scheduler's own"},
+                  "training timestep); default: the model's scheduler config where it sets one, else the "
+                  "scheduler's own"},
     )
 
     def __post_init__(self) -> None:
@@ -118,18 +133,22 @@ class SchedulerSampler(Method):
     def step_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def _accepted(self) -> set[str]:
+        """The config entries the scheduler class takes."""
+        import diffusers
+
+        return set(inspect.signature(getattr(diffusers, self.scheduler_class).__init__).parameters) - {"self"}
+
     def make_scheduler(self, model: DiffusionModel):
         import diffusers
 
         cls = getattr(diffusers, self.scheduler_class)
         options = self.args.scheduler_options() if isinstance(self.args, SamplerArgs) else {}
         overrides = {**options, **self.scheduler_overrides()}
-        accepted = inspect.signature(cls.__init__).parameters
-        unknown = sorted(set(overrides) - set(accepted))
+        unknown = sorted(set(overrides) - self._accepted())
         if unknown:  # from_config would drop them with a log line: a silently ignored option
             raise TypeError(f"method {self.name!r}: {self.scheduler_class} has no config entry {', '.join(unknown)}")
-        config = {k: v for k, v in model.scheduler_config.items() if k not in SAMPLING_CHOICES}
-        return cls.from_config(config, **overrides)
+        return cls.from_config(sampler_base_config(model.scheduler_config), **overrides)
 
     def resolved_config(self, model: DiffusionModel) -> dict[str, Any]:
         """The scheduler's full config as run (recorded and hashed)."""
@@ -142,12 +161,17 @@ class SchedulerSampler(Method):
         train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
         if steps > train_steps:
             raise BenchError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+        if model.scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in self._accepted():
+            raise BenchError(
+                f"{model.name} was trained with zero terminal SNR (rescale_betas_zero_snr), which "
+                f"{self.scheduler_class} cannot represent: method {self.name!r} would sample another noise schedule"
+            )
         config = self.make_scheduler(model).config
         if config.get("rescale_betas_zero_snr") and config.get("prediction_type") == "epsilon":
             # at zero SNR x_T carries no signal, so an epsilon prediction cannot give x_0 (Lin et al. 2023, 3.2)
             raise BenchError(
-                f"--rescale-betas-zero-snr needs a v-prediction model (Lin et al. 2023, section 3.2); "
-                f"{model.name} predicts epsilon"
+                f"zero terminal SNR (rescale_betas_zero_snr) needs a v-prediction model (Lin et al. 2023, "
+                f"section 3.2); {model.name} predicts epsilon"
             )
 
     @torch.no_grad()
