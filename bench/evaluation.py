@@ -55,6 +55,8 @@ class EvalContext:
     reference: ReferenceSet
     device: torch.device
     timings: SamplingTimings = field(default_factory=SamplingTimings)
+    prompts: list[str] | None = None  # prompt i of sample i (text-conditioned runs)
+    targets: list[Any] | None = None  # attributes sample i should have (attribute accuracy)
     _features: dict[Any, torch.Tensor] = field(default_factory=dict)
     _extractors: dict[Any, Any] = field(default_factory=dict)
 
@@ -85,6 +87,15 @@ class EvalContext:
         if key not in self._features:
             self._features[key] = self._extract(UInt8Images(self.samples), name, layer)
         return self._features[key]
+
+    def reference_images(self) -> torch.Tensor:
+        """The reference set as one uint8 [N, 3, H, W] tensor (for metrics on pixels)."""
+        if "reference_images" not in self._features:
+            ds = self.reference.dataset()
+            self._features["reference_images"] = ds.images if isinstance(ds, UInt8Images) else torch.stack(
+                [ds[i] for i in range(len(ds))]
+            )
+        return self._features["reference_images"]
 
     def reference_features(self, name: str, layer: str, extractor_digest: str) -> torch.Tensor:
         key = ("reference", name, layer)

@@ -78,7 +78,10 @@ class Recipe:
 
 @dataclass(frozen=True)
 class ZeroSNRRecipe(Recipe):
+    """Same budget as the standard model; one thread, so it trains beside other jobs without oversubscription."""
+
     variant: str = "zero-snr"
+    threads: int = 1
 
 
 def build_unet():
