@@ -10,9 +10,13 @@ from a suite file (YAML) of the same shape::
       - {method: ddim, steps: [5, 10, 20, 50]}
       - {method: ddim, steps: [50], method_args: {eta: 1.0}}
       - {method: ddpm, steps: [1000], seeds: 1}  # an entry may set its own seeds
+      - {name: ddim-fast, method: ddim, steps: 10}  # a named cell: one method, one step count
 
-Every cell is one ``bench run`` (one MLflow run, tagged with the sweep's name);
-the summary is a pandas table with the mean and a 95% t-interval over seeds.
+Every cell is one ``bench run`` (one MLflow run, tagged with the sweep's name and
+the cell's key); the summary is a pandas table with the mean and a 95% t-interval
+over seeds. A cell's key is its ``name`` if the entry has one, else
+``<method(args)>-<steps>steps``: baselines (bench/nightly.py) are keyed by it, so
+a named cell whose configuration changes is still compared with its old numbers.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from bench.errors import BenchError
 from bench.spec import FIELD_NAMES, RunSpec, canonical_json, stable_hash
 
-SUMMARY_METRICS = ("fid", "kid_mean", "latency_per_image_ms", "nfe")
+SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "attr_acc_all", "latency_per_image_ms", "nfe")
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,15 @@ class Cell:
     steps: int
     seed: int
     method_args: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None  # a suite entry's label; the baseline key when given
 
     def label(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in sorted(self.method_args.items()))
         return f"{self.method}({args})" if args else self.method
+
+    def key(self) -> str:
+        """The cell's identity across seeds (and across nightly runs): its name, else label and steps."""
+        return self.name or f"{self.label()}-{self.steps}steps"
 
 
 @dataclass
@@ -46,20 +55,34 @@ class Suite:
     name: str
     defaults: dict[str, Any]
     cells: list[Cell]
+    regression: dict[str, float] = field(default_factory=dict)  # metric -> relative tolerance (bench nightly)
+
+
+GRID_KEYS = {"name", "method", "steps", "method_args", "seeds"}
+SUITE_KEYS = {"name", "defaults", "seeds", "grid", "regression"}
 
 
 def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list[Cell]:
     cells = []
     for entry in entries:
-        unknown = set(entry) - {"method", "steps", "method_args", "seeds"}
+        unknown = set(entry) - GRID_KEYS
         if unknown or "method" not in entry or "steps" not in entry:
-            raise BenchError(f"grid entry {dict(entry)} takes method, steps and optionally method_args and seeds")
+            raise BenchError(f"grid entry {dict(entry)} takes method, steps and optionally name, method_args and seeds")
         methods = entry["method"] if isinstance(entry["method"], list) else [entry["method"]]
         steps = entry["steps"] if isinstance(entry["steps"], list) else [entry["steps"]]
+        name = entry.get("name")
+        if name is not None and (len(methods) != 1 or len(steps) != 1 or not str(name).strip()):
+            raise BenchError(f"grid entry {dict(entry)}: a named entry is one cell (one method, one steps value)")
         entry_seeds = entry.get("seeds", seeds)
         entry_seeds = range(entry_seeds) if isinstance(entry_seeds, int) else entry_seeds
         for method, n, seed in itertools.product(methods, steps, entry_seeds):
-            cells.append(Cell(str(method), int(n), int(seed), dict(entry.get("method_args") or {})))
+            cells.append(Cell(str(method), int(n), int(seed), dict(entry.get("method_args") or {}),
+                              None if name is None else str(name)))
+    keys: dict[tuple[str, int], Cell] = {}
+    for cell in cells:
+        other = keys.setdefault((cell.key(), cell.seed), cell)
+        if other is not cell:
+            raise BenchError(f"grid has the cell {cell.key()!r} with seed {cell.seed} twice")
     return cells
 
 
@@ -75,13 +98,22 @@ def load_suite(path: str | Path) -> Suite:
         raise BenchError(f"suite {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or "grid" not in data:
         raise BenchError(f"suite {p} must be a mapping with a 'grid' list")
+    unknown = set(data) - SUITE_KEYS
+    if unknown:
+        raise BenchError(f"suite {p}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(SUITE_KEYS))}")
     defaults = dict(data.get("defaults") or {})
     bad = set(defaults) - set(FIELD_NAMES)
     if bad:
         raise BenchError(f"suite {p}: unknown run fields in defaults: {sorted(bad)}")
     seeds = data.get("seeds", [0])
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    return Suite(str(data.get("name", p.stem)), defaults, grid_cells(data["grid"], seeds))
+    regression = data.get("regression") or {}
+    if not isinstance(regression, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in regression.values()
+    ):
+        raise BenchError(f"suite {p}: 'regression' maps metric names to relative tolerances >= 0, e.g. {{fid: 0.1}}")
+    return Suite(str(data.get("name", p.stem)), defaults, grid_cells(data["grid"], seeds),
+                 {str(k): float(v) for k, v in regression.items()})
 
 
 def cell_spec(base: RunSpec, cell: Cell, sweep_name: str) -> RunSpec:
@@ -90,7 +122,7 @@ def cell_spec(base: RunSpec, cell: Cell, sweep_name: str) -> RunSpec:
         steps=cell.steps,
         seed=cell.seed,
         method_args={**base.method_args, **cell.method_args},
-        run_name=f"{sweep_name}:{cell.label()}-{cell.steps}steps-seed{cell.seed}",
+        run_name=f"{sweep_name}:{cell.name + ':' if cell.name else ''}{cell.label()}-{cell.steps}steps-seed{cell.seed}",
         output=None,
     )
 
@@ -109,14 +141,29 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return float(x.mean()), float(half)
 
 
+def noise_margin(reference: float, half_a: float, half_b: float, relative_tolerance: float) -> float:
+    """How far two means over seeds may differ by noise alone: max(tolerance x |reference|, CI of the difference).
+
+    The difference's CI half-width is the root sum of squares of the two 95% half-widths
+    (a missing interval, from one seed, counts as 0), so two seeds give a wide margin and
+    ten seeds a narrow one.
+    """
+    ha = 0.0 if math.isnan(half_a) else half_a
+    hb = 0.0 if math.isnan(half_b) else half_b
+    return max(relative_tolerance * abs(reference), math.hypot(ha, hb))
+
+
 def summarize(rows: list[dict[str, Any]], metrics: Sequence[str] = SUMMARY_METRICS):
-    """One row per (method configuration, steps): mean and 95% CI over seeds of each metric."""
+    """One row per cell (method configuration and steps): mean and 95% CI over seeds of each metric."""
     import pandas as pd
 
     df = pd.DataFrame(rows)
+    if "cell" not in df:
+        df["cell"] = df["config"] + "-" + df["steps"].astype(str) + "steps"
     out = []
-    for (label, steps), group in df.groupby(["config", "steps"], sort=False):
-        row: dict[str, Any] = {"config": label, "steps": steps, "seeds": len(group)}
+    for key, group in df.groupby("cell", sort=False):
+        first = group.iloc[0]
+        row: dict[str, Any] = {"cell": key, "config": first["config"], "steps": first["steps"], "seeds": len(group)}
         for m in metrics:
             if m in group:
                 mean, half = t_interval(group[m].tolist())
@@ -131,13 +178,16 @@ def format_table(summary, metrics: Sequence[str] = SUMMARY_METRICS) -> str:
     headers = ["method", "steps", "NFE", "seeds"] + [m for m in metrics if m in summary and m != "nfe"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, r in summary.iterrows():
-        cells = [str(r["config"]), str(int(r["steps"])), f"{r.get('nfe', float('nan')):g}", str(int(r["seeds"]))]
+        label = str(r["config"])
+        if "cell" in r and r["cell"] != f"{label}-{int(r['steps'])}steps":  # a named cell
+            label = f"{r['cell']}: {label}"
+        cells = [label, str(int(r["steps"])), f"{r.get('nfe', float('nan')):g}", str(int(r["seeds"]))]
         for m in headers[4:]:
-            scale = 1e3 if m == "kid_mean" else 1.0
-            v, h = r[m] * scale, r.get(f"{m}_ci95", float("nan")) * scale
-            cells.append(f"{v:.3f}" if math.isnan(h) else f"{v:.3f} +- {h:.3f}")
+            digits = 4 if m == "kid_mean" else 3
+            v, h = r[m], r.get(f"{m}_ci95", float("nan"))
+            cells.append(f"{v:.{digits}f}" if math.isnan(h) else f"{v:.{digits}f} +- {h:.{digits}f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines[0] = lines[0].replace("kid_mean", "KID x 1e3").replace("latency_per_image_ms", "ms / image").replace("fid", "FID")
+    lines[0] = lines[0].replace("kid_mean", "KID").replace("latency_per_image_ms", "ms / image").replace("fid", "FID")
     return "\n".join(lines)
 
 
@@ -165,4 +215,54 @@ def plot_fid_vs_nfe(summary, path: Path, title: str, metric: str = "fid") -> Non
 
 
 def sweep_id(base: RunSpec, cells: Sequence[Cell]) -> str:
-    return stable_hash({"base": base.hashed_fields(), "cells": [canonical_json(c.__dict__) for c in cells]}, 10)
+    def identity(c: Cell) -> dict[str, Any]:  # unnamed cells keep the ids they had before cells had names
+        return {k: v for k, v in c.__dict__.items() if not (k == "name" and v is None)}
+
+    return stable_hash({"base": base.hashed_fields(), "cells": [canonical_json(identity(c)) for c in cells]}, 10)
+
+
+def plan_cells(name: str, base: RunSpec, cells: Sequence[Cell]) -> list[tuple[Cell, Any]]:
+    """Plan every cell before any sampling, so bad input fails first."""
+    from bench.runner import plan_run
+
+    return [(cell, plan_run(cell_spec(base, cell, name))) for cell in cells]
+
+
+def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, out: Path,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Execute planned cells one by one; one row per run, kept current in OUT/runs.csv."""
+    import pandas as pd
+
+    from bench.runner import execute
+
+    rows = []
+    for i, (cell, plan) in enumerate(plans, 1):
+        what = f"{cell.name} = " if cell.name else ""
+        print(f"[{i}/{len(plans)}] {what}{cell.label()} {cell.steps} steps, seed {cell.seed}", flush=True)
+        result = execute(plan, tracker, progress=progress,
+                         extra_tags={"sweep": name, "sweep_id": sid, "sweep_cell": cell.key()})
+        rows.append({"cell": cell.key(), "config": cell.label(), "method": cell.method, "steps": cell.steps,
+                     "model": plan.model.name,
+                     "seed": cell.seed, "method_args": canonical_json(dict(plan.spec.method_args)),
+                     "run_id": result.run_id, "protocol_hash": plan.protocol_hash,
+                     "eval_protocol_hash": plan.eval_protocol_hash, "output": str(result.output), **result.values})
+        pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)  # kept current: nothing is lost on a crash
+    return rows
+
+
+def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], rows: list[dict[str, Any]], out: Path):
+    """table.csv, table.md, sweep.json and fid_vs_nfe.png in OUT; returns (summary, markdown table)."""
+    import json
+
+    summary = summarize(rows, [m for m in SUMMARY_METRICS if m in rows[0]])
+    summary.to_csv(out / "table.csv", index=False)
+    table = format_table(summary)
+    (out / "table.md").write_text(table + "\n")
+    meta = {"name": name, "sweep_id": sid, "base": base.to_dict(), "cells": len(cells),
+            "eval_protocol_hashes": sorted({r["eval_protocol_hash"] for r in rows})}
+    (out / "sweep.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if "fid" in summary and "nfe" in summary:
+        seeds = len({c.seed for c in cells})
+        plot_fid_vs_nfe(summary, out / "fid_vs_nfe.png",
+                        f"{name}: FID vs NFE ({base.dataset}, {base.num_samples} samples, {seeds} seed(s))")
+    return summary, table

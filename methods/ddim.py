@@ -29,7 +29,7 @@ class DDIM(SchedulerSampler):
         reproduces="Table 1: FID falls with the number of steps, and eta=0 beats eta=1 at few steps. eta=0 matches "
         "a from-the-paper eq. 12 to 1e-5 relative (tests/test_samplers.py).",
         reference="CIFAR-10 FID, eta=0: 13.36 / 6.84 / 4.67 / 4.16 / 4.04 at 10 / 20 / 50 / 100 / 1000 steps.",
-        embedded_claim="DDIM 50 steps has a clearly lower FID than DDIM 5 on shapes16 (README table).",
+        embedded_claim="DDIM 50 steps has a clearly lower FID than DDIM 5 on shapes16: holds (2.42 against 6.65, 1000 samples, suites/foundation.yaml); but unlike Table 1, 20 steps (1.79) beat 50 here.",
     )
     Args = DDIMArgs
     scheduler_class = "DDIMScheduler"

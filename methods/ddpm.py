@@ -33,7 +33,7 @@ class DDPM(SchedulerSampler):
         reproduces="Algorithm 2 with 1000 steps gives the model's best FID; with few steps it falls apart.",
         reference="CIFAR-10 FID 3.17 (IS 9.46) at 1000 steps; with sigma-hat: 367.43 / 133.37 / 32.72 / 9.99 at "
         "10 / 20 / 50 / 100 steps (DDIM paper, Table 1).",
-        embedded_claim="DDPM 1000 steps is in the range of DDIM 50 on shapes16 (README table).",
+        embedded_claim="DDPM 1000 steps is in the range of DDIM 50 on shapes16: it is better (FID 0.53 against 2.42, 1000 samples, suites/foundation.yaml).",
     )
     Args = DDPMArgs
     scheduler_class = "DDPMScheduler"

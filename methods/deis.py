@@ -33,7 +33,7 @@ class DEIS(SchedulerSampler):
         "prediction extrapolated by a polynomial in time through past evaluations (NFE = steps); with order 1 "
         "it is DDIM.",
         reference="",
-        embedded_claim="DEIS order 3 at 10 steps has an FID at or below DDIM 10 on shapes16 (not yet measured).",
+        embedded_claim="DEIS order 3 at 10 steps has an FID at or below DDIM 10 on shapes16 (measured, suites/zoo.yaml, 500 samples: 1.20 against DDIM 2.42 at 10 steps: holds).",
     )
     Args = DEISArgs
     scheduler_class = "DEISMultistepScheduler"

@@ -37,7 +37,7 @@ class DPMSolver(SchedulerSampler):
         "level (final_sigmas_type sigma_min; diffusers refuses sigma 0 for noise prediction).",
         reference="CIFAR-10 FID 4.70 / 2.87 at 10 / 20 NFE (abstract; the paper's singlestep DPM-Solver-fast, "
         "not this multistep form).",
-        embedded_claim="DPM-Solver-2 at 10-20 steps has an FID at or below DDIM 50 on shapes16 (not yet measured).",
+        embedded_claim="DPM-Solver-2 at 10-20 steps has an FID at or below DDIM 50 on shapes16 (measured, suites/zoo.yaml, 500 samples: 1.09 / 0.68 at 10 / 20 against DDIM-50 2.42 (1000 samples): holds).",
     )
     Args = DPMSolverArgs
     scheduler_class = "DPMSolverMultistepScheduler"

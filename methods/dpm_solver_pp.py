@@ -40,7 +40,7 @@ class DPMSolverPP(SchedulerSampler):
         "second-order steps use the previous model output, so NFE = steps). Matches a from-the-paper 2M to 1e-5 "
         "relative (tests/test_samplers.py).",
         reference="CIFAR-10 FID 2.91 at 10 NFE on the EDM model (DPM-Solver-v3, arXiv 2310.13268, Table 1).",
-        embedded_claim="2M at 10-20 steps has an FID at or below DDIM 50 on shapes16 (not yet measured).",
+        embedded_claim="2M at 10-20 steps has an FID at or below DDIM 50 on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.88 / 0.65 against DDIM-50 2.42: holds; tests/test_claims.py).",
     )
     Args = DPMSolverPPArgs
     scheduler_class = "DPMSolverMultistepScheduler"
@@ -65,7 +65,7 @@ class DPMSolverPP2S(SchedulerSampler):
         "evaluation; diffusers lays the intermediate points out as timesteps, so --steps counts NFE and the "
         "orders alternate 1, 2, 1, 2, ... with first-order final steps.",
         reference="",
-        embedded_claim="2S at 20 NFE has an FID near 2M at 20 NFE on shapes16 (not yet measured).",
+        embedded_claim="2S at 20 NFE has an FID near 2M at 20 NFE on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.76 against 0.65).",
     )
     Args = DPMSolverPP2SArgs
     scheduler_class = "DPMSolverSinglestepScheduler"
@@ -95,7 +95,7 @@ class DPMSolverPPSDE(SchedulerSampler):
         "(released with their code; diffusers' sde-dpmsolver++): the exponential integrator with data "
         "prediction plus fresh noise every step, drawn from each sample's own generator.",
         reference="",
-        embedded_claim="At 20-50 steps the SDE variant has an FID near 2M on shapes16 (not yet measured).",
+        embedded_claim="At 20-50 steps the SDE variant has an FID near 2M on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.53 against 0.65 at 20 steps).",
     )
     Args = DPMSolverPPSDEArgs
     scheduler_class = "DPMSolverMultistepScheduler"

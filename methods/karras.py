@@ -30,8 +30,8 @@ class Euler(SchedulerSampler):
         reproduces="The first-order baseline of section 3: x <- x + (sigma_next - sigma) * (x - D(x)) / sigma, "
         "one NFE per step, on input scaled by 1 / sqrt(sigma^2 + 1) and initial noise of std sigma_max.",
         reference="",
-        embedded_claim="Euler needs more steps than Heun for the same FID on shapes16 at equal NFE (not yet "
-        "measured).",
+        embedded_claim="Euler needs more steps than Heun for the same FID on shapes16 at equal NFE "
+        "(measured, 500 samples: Euler 20 steps 1.25 against Heun 10 steps 0.83 at about 20 NFE: holds).",
     )
     Args = EulerArgs
     scheduler_class = "EulerDiscreteScheduler"
@@ -54,8 +54,8 @@ class Heun(SchedulerSampler):
         "The EDM numbers need EDM's preconditioned network; here the VP model is used as a denoiser.",
         reference="CIFAR-10 FID 1.97 unconditional / 1.79 conditional at 35 NFE with the EDM model (NVlabs/edm "
         "README).",
-        embedded_claim="Heun at 18 steps (35 NFE) has an FID at or below Euler at 35 steps on shapes16 (not yet "
-        "measured).",
+        embedded_claim="Heun at 18 steps (35 NFE) has an FID at or below Euler at 35 steps on shapes16 "
+        "(not measured at 18 steps; at 10 steps / 19 NFE Heun 0.83 against Euler-20 1.25).",
     )
     Args = HeunArgs
     scheduler_class = "HeunDiscreteScheduler"

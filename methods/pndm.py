@@ -35,7 +35,7 @@ class PNDM(SchedulerSampler):
         "steps PNDM beats 1000-step DDIM. diffusers' step assumes leading spacing (prev = t - 1000 // steps), so "
         "linspace spacing steps between mismatched timesteps, as in DDIM (diffusers issues 11347, 12633).",
         reference="CIFAR-10: 50 PNDM steps beat 1000-step DDIM (abstract); DDIM 1000 steps is FID 4.04.",
-        embedded_claim="PLMS 20 steps has an FID at or below DDIM 50 on shapes16 (not yet measured).",
+        embedded_claim="PLMS 20 steps has an FID at or below DDIM 50 on shapes16 (measured, suites/zoo.yaml, 500 samples: 0.63 at 20 steps, 21 NFE, against DDIM-50 2.42 (1000 samples): holds).",
     )
     Args = PNDMArgs
     scheduler_class = "PNDMScheduler"

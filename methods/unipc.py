@@ -41,7 +41,7 @@ class UniPC(SchedulerSampler):
         reference="CIFAR-10 FID 2.85 at 10 NFE on the EDM model, against 2.91 for DPM-Solver++ (DPM-Solver-v3, "
         "arXiv 2310.13268, Table 1).",
         embedded_claim="UniPC at 5-10 steps has an FID at or below DPM-Solver++(2M) at the same steps on shapes16 "
-        "(not yet measured).",
+        "(measured at 10 steps, 500 samples: 0.77 against 0.88: holds).",
     )
     Args = UniPCArgs
     scheduler_class = "UniPCMultistepScheduler"

@@ -34,7 +34,7 @@ def test_run_prints_table_and_records_mlflow_run(workdir, tiny_model_dir, capsys
     rc = main(["run", "--model", str(tiny_model_dir), "--method", "ddim", "--eta", "0.5", *QUICK])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for label in ("FID [shapes-cnn16, shapes16]", "KID x 1e3", "latency / image", "latency / denoiser call",
+    for label in ("FID [shapes-cnn16, shapes16]", "KID [shapes-cnn16, shapes16]", "latency / image", "latency / denoiser call",
                   "NFE", "samples", "device", "MLflow run", "protocol hash"):
         assert label in out
     (run,) = all_runs(workdir)
@@ -163,3 +163,14 @@ def test_sweep_suite_file(workdir, tiny_model_dir, capsys):
     assert main(["sweep", "--suite", "suite.yaml", "--no-progress", "--out", "s"]) == 0
     table = (workdir / "s" / "table.md").read_text()
     assert "ddim(eta=1.0)" in table and "| ddpm | 3 | 3 |" in table
+
+
+def test_evaluate_recomputes_metrics_from_saved_samples(workdir, tiny_model_dir, capsys):
+    assert main(["run", "--model", str(tiny_model_dir), "--output", "r", "--metrics", "fid,kid", *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "r"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("same") == 3 and "DIFFERENT" not in out  # fid, kid_mean, kid_std
+    (workdir / "r" / "samples" / "shard-00001.npy").write_bytes(b"garbage")
+    assert main(["evaluate", "r"]) == 2
+    assert "unreadable" in capsys.readouterr().err

@@ -65,7 +65,12 @@ def format_results(result, tracker_uri: str) -> str:
     if "fid" in v:
         rows.append((f"FID [{tag}]", f"{v['fid']:.3f}"))
     if "kid_mean" in v:
-        rows.append((f"KID x 1e3 [{tag}]", f"{1e3 * v['kid_mean']:.3f} +- {1e3 * v['kid_std']:.3f}"))
+        rows.append((f"KID [{tag}]", f"{v['kid_mean']:.4f} +- {v['kid_std']:.4f} (std over subsets)"))
+    if "clip_score" in v:
+        rows.append((f"CLIP score [{ref.clip_backbone}, 100*max(cos,0)]", f"{v['clip_score']:.3f}"))
+    if "attr_acc_all" in v:
+        per = ", ".join(f"{k[9:]} {v[k]:.3f}" for k in sorted(v) if k.startswith("attr_acc_") and k not in ("attr_acc_all", "attr_acc_mean"))
+        rows.append(("attribute accuracy", f"{v['attr_acc_all']:.3f} all correct ({per})"))
     if "latency_per_image_ms" in v:
         rows.append(("latency / image", f"{v['latency_per_image_ms']:.2f} ms (median of {int(v['timed_batches'])} batches)"))
         rows.append(("latency / denoiser call", f"{v['latency_per_call_ms']:.2f} ms"))

@@ -1,0 +1,130 @@
+"""Classifier guidance: Dhariwal and Nichol, "Diffusion Models Beat GANs on Image Synthesis", NeurIPS 2021."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from bench.errors import BenchError
+from bench.interfaces import DiffusionModel, MethodCard
+from methods.sampling import SamplerArgs, SchedulerSampler
+
+
+def classifier_folder():
+    from bench.models import EMBEDDED_WEIGHTS
+
+    return EMBEDDED_WEIGHTS / "noisy-classifier"
+
+
+@dataclass(frozen=True)
+class ClassifierGuidanceArgs(SamplerArgs):
+    target_color: str | None = field(default="red", metadata={"help": "color to guide towards (none: no color term)"})
+    target_shape: str | None = field(default=None, metadata={"help": "shape to guide towards"})
+    target_background: str | None = field(default=None, metadata={"help": "background to guide towards"})
+    classifier_scale: float = field(default=4.0, metadata={"help": "gradient scale s (Dhariwal and Nichol, "
+                                                                     "Algorithm 2); 0: unguided DDIM"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from bench.embedded.noisy_classifier import HEADS
+
+        for head in HEADS:
+            value = getattr(self, f"target_{head}")
+            if value is not None and str(value).lower() != "none" and value not in HEADS[head]:
+                raise ValueError(f"--target-{head} must be one of {', '.join(HEADS[head])} or none, got {value!r}")
+        if isinstance(self.classifier_scale, bool) or not isinstance(self.classifier_scale, (int, float)) \
+                or self.classifier_scale < 0:
+            raise ValueError(f"--classifier-scale must be a number >= 0, got {self.classifier_scale!r}")
+
+    def targets(self) -> dict[str, str]:
+        from bench.embedded.noisy_classifier import HEADS
+
+        out = {}
+        for head in HEADS:
+            value = getattr(self, f"target_{head}")
+            if value is not None and str(value).lower() != "none":
+                out[head] = value
+        return out
+
+
+class ClassifierGuidance(SchedulerSampler):
+    name = "classifier-guidance"
+    summary = "DDIM guided by a noise-aware classifier's gradient towards a requested class (eps - sqrt(1-abar) s grad)"
+    paper = "Dhariwal and Nichol 2021, Diffusion Models Beat GANs on Image Synthesis"
+    card = MethodCard(
+        citation="Prafulla Dhariwal, Alex Nichol. Diffusion Models Beat GANs on Image Synthesis. NeurIPS 2021.",
+        url="https://arxiv.org/abs/2105.05233",
+        reproduces="Algorithm 2 (conditional sampling with DDIM): eps_hat = eps(x_t) - sqrt(1 - abar_t) "
+        "grad_x log p_phi(y | x_t), with the gradient scaled by s (section 4.3), and the classifier trained on noisy "
+        "x_t of the model's own forward process (section 4). The classifier is the embedded world's "
+        "(bench embedded train noisy-classifier); any subset of color, shape and background can be the class y.",
+        reference="ImageNet 256 (Table 4; verify): an unconditional model with classifier guidance at scale 10 goes "
+        "from FID 26.21 to 12.00 and IS 39.70 to 95.41: fidelity and class agreement rise with the scale.",
+        embedded_claim="On embedded-ddpm, guiding towards a color raises the share of samples the feature network "
+        "reads as that color from about 1/6 (unguided) to well above half (tests/test_guidance.py).",
+    )
+    Args = ClassifierGuidanceArgs
+    scheduler_class = "DDIMScheduler"
+    conditioning = "classifier"
+
+    def step_kwargs(self) -> dict[str, Any]:
+        return {"eta": 0.0}
+
+    def check(self, model: DiffusionModel, steps: int) -> None:
+        super().check(model, steps)
+        if model.sample_shape != (3, 16, 16):
+            raise BenchError(f"the noise-aware classifier is trained on the 16x16 shapes world; {model.name} makes "
+                             f"{'x'.join(map(str, model.sample_shape))} samples")
+        if self.make_scheduler(model).config.get("prediction_type") != "epsilon":
+            raise BenchError(f"classifier guidance here shifts an epsilon prediction; {model.name} predicts "
+                             f"{model.scheduler_config.get('prediction_type')}")
+        if not self.args.targets():
+            raise BenchError("classifier guidance needs a target: --target-color, --target-shape or --target-background")
+        if not (classifier_folder() / "model.safetensors").exists():
+            raise BenchError(f"the noise-aware classifier is missing ({classifier_folder()}); "
+                             f"rebuild it with `bench embedded train noisy-classifier`")
+
+    def extra_protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        from bench.models import file_digest
+
+        folder = classifier_folder()
+        return {"classifier": "embedded noisy-classifier",
+                "classifier_digest": file_digest([folder / "model.safetensors", folder / "config.json"])}
+
+    def targets(self, num_samples: int) -> list[Mapping[str, Any]]:
+        t = self.args.targets()
+        obj = {k: v for k, v in t.items() if k in ("color", "shape")}
+        target: dict[str, Any] = {"objects": [obj]} if obj else {}
+        if "background" in t:
+            target["background"] = t["background"]
+        return [target] * num_samples
+
+    @torch.no_grad()
+    def generate(self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from bench.embedded.noisy_classifier import HEADS, load
+
+        scheduler = self.make_scheduler(model)
+        scheduler.set_timesteps(steps)
+        param = next(model.unet.parameters())
+        classifier = load(classifier_folder()).to(param.device)
+        labels = {k: torch.full((len(seeds),), HEADS[k].index(v), device=param.device) for k, v in self.args.targets().items()}
+        scale = float(self.args.classifier_scale)
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        x = randn_tensor((len(seeds), *model.sample_shape), generator=generators, dtype=torch.float32)
+        x = (x * scheduler.init_noise_sigma).to(param.device, param.dtype)
+        for t in scheduler.timesteps:
+            eps = denoiser(scheduler.scale_model_input(x, t), t)
+            if scale > 0:
+                with torch.enable_grad():
+                    x_in = x.detach().float().requires_grad_(True)
+                    logits = classifier(x_in, t.to(param.device))
+                    log_p = sum(torch.log_softmax(logits[k], 1).gather(1, y[:, None]).sum() for k, y in labels.items())
+                    grad = torch.autograd.grad(log_p, x_in)[0]
+                abar = scheduler.alphas_cumprod[int(t)].to(param.device)
+                eps = eps - (1 - abar).sqrt() * scale * grad.to(eps.dtype)  # Algorithm 2, line 4
+            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        return x.float()
