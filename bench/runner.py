@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, Method, Metric, ReferenceSet
+from bench.interfaces import DiffusionModel, Method, Metric, Prompt, ReferenceSet
 from bench.spec import RunSpec, stable_hash
 
 SHARD_PATTERN = "shard-{:05d}.npy"
@@ -39,6 +39,8 @@ class Plan:
     protocol: dict[str, Any]
     protocol_hash: str
     eval_protocol_hash: str
+    prompts: list[Prompt] | None = None  # prompt i of sample i (text-conditioned methods)
+    targets: list[Any] | None = None  # attributes sample i should have (attribute accuracy), or None
 
     @property
     def scheduler_config(self) -> dict[str, Any]:
@@ -82,17 +84,29 @@ def plan_run(spec: RunSpec) -> Plan:
     """Resolve names, load the model, validate the combination. Raises BenchError on bad input."""
     import torch
 
-    from bench.catalog import DATASETS, METHODS, METRICS
+    from bench.catalog import METHODS, METRICS
+    from bench.datasets import load_dataset
     from bench.models import load_model
+    from bench.spec import DEFAULT_METRICS
 
     method_cls = METHODS.get(spec.method)
     args = method_cls.parse_args(spec.method_args)
-    reference_cls = DATASETS.get(spec.dataset)
-    metric_classes = {name: METRICS.get(name) for name in spec.metrics}
+    # a text-conditioned method on the default (prompt-less) data set runs on its own default data set instead
+    dataset_name = spec.dataset
+    if method_cls.default_dataset and dataset_name == RunSpec.dataset:
+        dataset_name = method_cls.default_dataset
+    reference = load_dataset(dataset_name)
+    metric_names = spec.metrics
+    if reference.default_metrics and tuple(metric_names) == DEFAULT_METRICS:  # the data set's defaults
+        metric_names = tuple(reference.default_metrics)
+    metric_classes = {name: METRICS.get(name) for name in metric_names}
+    for name, metric_cls in metric_classes.items():
+        if metric_cls.needs_prompts and not method_cls.text_conditioned:
+            raise BenchError(f"metric {name} needs prompts; method {spec.method!r} is not text-conditioned")
     device = resolve_device(spec.device)
-    reference = reference_cls()
     model_name = spec.model or reference.default_model
-    spec = spec.replace(model=model_name, device=str(device), method_args=dataclasses.asdict(args))
+    spec = spec.replace(model=model_name, device=str(device), method_args=dataclasses.asdict(args),
+                        dataset=dataset_name, metrics=metric_names)
     metrics = {name: cls() for name, cls in metric_classes.items()}
     for metric in metrics.values():
         metric.check(spec, reference)
@@ -102,7 +116,7 @@ def plan_run(spec: RunSpec) -> Plan:
     method = method_cls(args)
     method.check(model, spec.steps)
     c, h, w = model.sample_shape
-    if (h, w) != (reference.resolution, reference.resolution) or c != 3:
+    if (reference.has_images and (h, w) != (reference.resolution, reference.resolution)) or c != 3:
         raise BenchError(
             f"model {model.name} makes {c}x{h}x{w} samples but data set {reference.name} is "
             f"3x{reference.resolution}x{reference.resolution}; pick a matching --model or --dataset"
@@ -110,13 +124,17 @@ def plan_run(spec: RunSpec) -> Plan:
     dtype = getattr(torch, spec.dtype)
     if device.type == "cpu" and dtype == torch.float16:
         raise BenchError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
-    model.unet.to(device=device)
-    if dtype != torch.float32:
-        model.unet.to(dtype=dtype)
+    for module in model.modules():
+        module.to(device=device)
+        if dtype != torch.float32:
+            module.to(dtype=dtype)
+    prompts, targets = _prompts_and_targets(spec, method, reference, metrics)
 
     method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args}
     if hasattr(method, "resolved_config"):
         method_protocol["scheduler"] = method.resolved_config(model)
+    if hasattr(method, "extra_protocol"):  # e.g. the guidance classifier's weights digest
+        method_protocol.update(method.extra_protocol(model))
     eval_protocol = {name: m.protocol(spec, reference) for name, m in metrics.items()}
     protocol = {
         "spec": spec.hashed_fields(),
@@ -125,10 +143,30 @@ def plan_run(spec: RunSpec) -> Plan:
         "metrics": eval_protocol,
         "seeding": "per-sample sha256(run seed, index); initial noise drawn on the CPU in float32",
     }
+    if prompts is not None:
+        protocol["prompts"] = {"dataset": reference.prompts_identity(), "assignment": "prompt i for sample i",
+                               "texts_sha256": stable_hash([p.text for p in prompts], 64)}
     protocol_hash = stable_hash(protocol)
     output = Path(spec.output) if spec.output else Path("bench-runs") / f"{spec.method}-{protocol_hash[:12]}"
     check_writable(output)
-    return Plan(spec, method, model, reference, metrics, output, protocol, protocol_hash, stable_hash(eval_protocol))
+    return Plan(spec, method, model, reference, metrics, output, protocol, protocol_hash, stable_hash(eval_protocol),
+                prompts, targets)
+
+
+def _prompts_and_targets(spec: RunSpec, method: Method, reference: ReferenceSet, metrics: dict[str, Metric]):
+    """The prompt of every sample (text-conditioned methods) and what each sample should show (for metrics)."""
+    prompts = reference.prompts(spec.num_samples) if method.text_conditioned else None
+    if method.text_conditioned and prompts is None:
+        raise BenchError(f"method {method.name!r} needs prompts, and data set {reference.name} has none "
+                         f"(use shapes32, a prompt data set or a prompt file)")
+    targets = method.targets(spec.num_samples)
+    if targets is None and prompts is not None and any(p.attributes for p in prompts):
+        targets = [p.attributes for p in prompts]
+    for name, metric in metrics.items():
+        if metric.needs_targets and targets is None:
+            raise BenchError(f"metric {name} needs per-sample targets (prompts with attributes, or a guidance target); "
+                             f"this run has none")
+    return prompts, targets
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
@@ -169,11 +207,15 @@ def sample(plan: Plan, progress: bool = True, on_batch: Callable[[int], None] | 
     starts = range(0, spec.num_samples, spec.batch_size)
     bar = tqdm(total=spec.num_samples, unit="img", desc=f"{spec.method} {spec.steps} steps", disable=not progress)
     for k, start in enumerate(starts):
-        seeds = [sample_seed(spec.seed, i) for i in range(start, min(start + spec.batch_size, spec.num_samples))]
+        indices = range(start, min(start + spec.batch_size, spec.num_samples))
+        seeds = [sample_seed(spec.seed, i) for i in indices]
         denoiser.reset()
         synchronize(device)
         t0 = time.perf_counter()
-        images = plan.method.generate(plan.model, seeds, spec.steps, denoiser)
+        if plan.prompts is not None:  # sample i gets prompt i and seed i, whatever the batching
+            images = plan.method.generate(plan.model, seeds, spec.steps, denoiser, [plan.prompts[i].text for i in indices])
+        else:
+            images = plan.method.generate(plan.model, seeds, spec.steps, denoiser)
         synchronize(device)
         timings.batch_seconds.append(time.perf_counter() - t0)
         timings.batch_sizes.append(len(seeds))
@@ -210,11 +252,14 @@ def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
         reference=plan.reference,
         device=torch.device(plan.spec.device),
         timings=timings,
+        prompts=[p.text for p in plan.prompts] if plan.prompts is not None else None,
+        targets=plan.targets,
     )
     values: dict[str, float] = {}
     for metric in plan.metrics.values():
         values.update(metric.compute(ctx))
     values["num_samples"] = float(len(samples))
+    values["nfe"] = float(np.mean(timings.batch_calls))  # counted denoiser calls per sample, whatever the metrics
     return values
 
 

@@ -3,18 +3,25 @@
 Store: ``MLFLOW_TRACKING_URI`` if set (or ``--tracking-uri``), else MLflow's default, a
 SQLite file ``mlflow.db`` in the working directory. The store is checked before any
 work starts; a run that raises is ended FAILED (KILLED on Ctrl-C), never left RUNNING.
+A store that stops answering mid-run loses nothing: the run's record is spooled to
+its output folder (``mlflow-pending.json``) and ``bench sync`` uploads it later.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from bench.errors import BenchError
 
 MAX_PARAM_LENGTH = 6000
+PENDING_RECORD = "mlflow-pending.json"  # in a run's output folder: a run the store did not get; `bench sync`
+SYNCED_RECORD = "mlflow-synced.json"  # the same record after `bench sync` uploaded it
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -34,78 +41,171 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.uri = uri or mlflow.get_tracking_uri()
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self._client = None
         self._experiment_id: str | None = None
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def check(self) -> None:
         """Reach the store and find (or create) the experiment; one clear line if that fails."""
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri[len("sqlite:///"):])
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow itself would
+            except OSError:
+                pass
             if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
                 raise BenchError(f"cannot write the MLflow tracking database {db}: {db.parent} is not a writable folder")
         try:
             exp = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+            self._experiment_id = exp.experiment_id if exp else self._create_experiment()
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise BenchError(f"MLflow tracking store {self.uri} is unreachable: {first}") from None
 
+    def _create_experiment(self) -> str:
+        try:
+            return self.client.create_experiment(self.experiment)
+        except Exception:  # another process created it meanwhile (runs started at once on a shared server)
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
     @contextmanager
     def run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator["TrackedRun"]:
-        from mlflow.entities import Param, RunTag
-
         if self._experiment_id is None:
             self.check()
-        run = self.client.create_run(self._experiment_id, run_name=name, tags=dict(tags))
-        run_id = run.info.run_id
+        tracked = TrackedRun(self, name, params, tags)
         status = "FAILED"
         try:
-            flat = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()}
-            items = [Param(k, v) for k, v in sorted(flat.items())]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(run_id, params=items[i : i + 100])
-            tracked = TrackedRun(self.client, run_id)
             yield tracked
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            try:
-                self.client.set_terminated(run_id, status=status)
-            except Exception:  # the store went away mid-run: nothing more can be recorded there
-                pass
+            tracked.end(status)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def replay(self, record: Mapping[str, Any], folder: Path) -> str:
+        """Create a run from a spooled record (see TrackedRun.spool); artifacts are read from ``folder``."""
+        from mlflow.entities import Metric, Param
+
+        if self._experiment_id is None:
+            self.check()
+        tags = {**record["tags"], "spooled": "true"}
+        run = self.client.create_run(self._experiment_id, start_time=record["start_time"], tags=tags,
+                                     run_name=record["name"])
+        run_id = run.info.run_id
+        try:
+            params = [Param(k, v) for k, v in sorted(record["params"].items())]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100])
+            t = record["end_time"] or record["start_time"]
+            metrics = [Metric(k, float(v), t, 0) for k, v in sorted(record["metrics"].items())]
+            if metrics:
+                self.client.log_batch(run_id, metrics=metrics)
+            for artifact in record["artifacts"]:
+                self.client.log_artifact(run_id, str(folder / artifact))
+        except BaseException:
+            with suppress(Exception):
+                self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
+        return run_id
+
 
 class TrackedRun:
-    def __init__(self, client, run_id: str):
-        self.client = client
-        self.run_id = run_id
+    """One MLflow run and the record of everything logged to it.
+
+    If the store stops answering after the run has started (a tracking server killed
+    mid-run), the run goes offline: later calls only add to the record, which
+    ``spool`` writes next to the run's files for ``bench sync`` to replay later.
+    """
+
+    def __init__(self, tracker: Tracker, name: str, params: Mapping[str, Any], tags: Mapping[str, str]):
+        self.client = tracker.client
+        self.run_id: str | None = None
+        self.error: str | None = None  # the first tracking failure; set means offline
+        self.record: dict[str, Any] = {
+            "name": name, "experiment": tracker.experiment, "tracking_uri": tracker.uri,
+            "params": {k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()},
+            "tags": {k: str(v) for k, v in tags.items()}, "metrics": {}, "artifacts": [],
+            "start_time": int(time.time() * 1000), "end_time": None, "status": "RUNNING",
+        }
+        self._call(lambda: self._start(tracker._experiment_id))
+
+    def _start(self, experiment_id: str) -> None:
+        from mlflow.entities import Param
+
+        rec = self.record
+        self.run_id = self.client.create_run(experiment_id, run_name=rec["name"], tags=rec["tags"],
+                                             start_time=rec["start_time"]).info.run_id
+        items = [Param(k, v) for k, v in sorted(rec["params"].items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    @property
+    def offline(self) -> bool:
+        return self.error is not None
+
+    def _call(self, action: Callable[[], None]) -> None:
+        if self.error is not None:
+            return
+        try:
+            action()
+        except Exception as exc:  # the store went away: keep the record, stop talking to the store
+            self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
     def log_metrics(self, values: Mapping[str, float]) -> None:
-        import math
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, 0) for k, v in sorted(values.items()) if not math.isnan(float(v))]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        kept = {k: float(v) for k, v in sorted(values.items()) if not math.isnan(float(v))}
+        self.record["metrics"].update(kept)
+        if kept:
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in kept.items()]))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        tags = {k: str(v) for k, v in tags.items()}
+        self.record["tags"].update(tags)
+        self._call(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
 
     def log_artifact(self, path: str | Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        self.record["artifacts"].append(str(Path(path).resolve()))
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path)))
+
+    def end(self, status: str) -> None:
+        self.record["status"] = status
+        self.record["end_time"] = int(time.time() * 1000)
+        self._call(lambda: self.client.set_terminated(self.run_id, status=status, end_time=self.record["end_time"]))
+
+    def spool(self, folder: Path) -> Path:
+        """Write the record to FOLDER/mlflow-pending.json (artifact paths relative to FOLDER)."""
+        folder = folder.resolve()
+        artifacts = []
+        for a in self.record["artifacts"]:
+            p = Path(a)
+            artifacts.append(str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p))
+        record = {**self.record, "artifacts": artifacts, "partial_run_id": self.run_id, "error": self.error}
+        path = folder / PENDING_RECORD
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return path
