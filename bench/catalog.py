@@ -21,11 +21,72 @@ METHODS.register(
     "DDIM sampler (eta interpolates deterministic DDIM and DDPM-like noise)",
     "Song et al. 2021, Denoising Diffusion Implicit Models",
 )
+METHODS.register(
+    "pndm", "methods.pndm:PNDM",
+    "PLMS: pseudo linear multistep (4th-order Adams-Bashforth on the DDIM transfer), optional PRK start",
+    "Liu et al. 2022, Pseudo Numerical Methods for Diffusion Models on Manifolds",
+)
+METHODS.register(
+    "dpmsolver", "methods.dpm_solver:DPMSolver",
+    "DPM-Solver (noise prediction, exponential integrator), multistep, order 1 to 3",
+    "Lu et al. 2022, DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10 Steps",
+)
+METHODS.register(
+    "dpmsolver++", "methods.dpm_solver_pp:DPMSolverPP",
+    "DPM-Solver++ multistep (data prediction), 2M by default, order 1 to 3",
+    "Lu et al. 2022b, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+)
+METHODS.register(
+    "dpmsolver++-2s", "methods.dpm_solver_pp:DPMSolverPP2S",
+    "DPM-Solver++(2S) singlestep (data prediction); each second-order step spends two NFE",
+    "Lu et al. 2022b, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+)
+METHODS.register(
+    "dpmsolver++-sde", "methods.dpm_solver_pp:DPMSolverPPSDE",
+    "SDE-DPM-Solver++ multistep: the stochastic (reverse SDE) form of DPM-Solver++, 2M by default",
+    "Lu et al. 2022b, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models",
+)
+METHODS.register(
+    "unipc", "methods.unipc:UniPC",
+    "UniPC: multistep UniP predictor with the UniC corrector (no extra NFE), data prediction",
+    "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models",
+)
+METHODS.register(
+    "euler", "methods.karras:Euler",
+    "Euler steps on the probability-flow ODE in sigma (Karras et al. 2022, Algorithm 2 without churn)",
+    "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models",
+)
+METHODS.register(
+    "euler-ancestral", "methods.k_diffusion:EulerAncestral",
+    "ancestral sampling with Euler steps: Euler to sigma_down, then fresh noise up to sigma_next",
+    "Crowson 2022, k-diffusion (sample_euler_ancestral)",
+)
+METHODS.register(
+    "heun", "methods.karras:Heun",
+    "Heun's second-order sampler in sigma (Karras et al. 2022, Algorithm 1), 2 NFE per step but the last",
+    "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models",
+)
+METHODS.register(
+    "lms", "methods.k_diffusion:LMS",
+    "linear multistep in sigma: Adams-Bashforth weights integrated over the sigma steps, order 4",
+    "Crowson 2022, k-diffusion (sample_lms)",
+)
+METHODS.register(
+    "deis", "methods.deis:DEIS",
+    "DEIS: exponential integrator with multistep (Adams-Bashforth) extrapolation of the noise prediction",
+    "Zhang and Chen 2023, Fast Sampling of Diffusion Models with Exponential Integrator",
+)
+METHODS.register(
+    "kdpm2", "methods.k_diffusion:KDPM2",
+    "k-diffusion's DPM-Solver-2: a midpoint step at the geometric-mean sigma, 2 NFE per step but the last",
+    "Crowson 2022, k-diffusion (sample_dpm_2), after Lu et al. 2022 and Karras et al. 2022",
+)
 
 # -- metrics -----------------------------------------------------------------------------------
 METRICS.register("fid", "metrics.fidelity:FID", "Frechet distance between feature Gaussians (Heusel et al. 2017), via torch-fidelity")
 METRICS.register("kid", "metrics.fidelity:KID", "Kernel distance, unbiased at small N (Binkowski et al. 2018), mean and std over subsets")
 METRICS.register("latency", "metrics.latency:Latency", "sampling latency per image and per denoiser call (medians), NFE, throughput")
+METRICS.register("brightness", "metrics.brightness:Brightness", "per-image mean intensity: 1st/99th percentiles and mean, against the reference set's")
 METRICS.register("memory", "metrics.latency:Memory", "peak memory of the run (CUDA max allocated, or the process's max RSS on a CPU)")
 
 # -- data sets (reference sets of the metrics) -------------------------------------------------
@@ -38,6 +99,54 @@ MODELS.register(
     "pixel DDPM of the shapes world (16x16, UNet2DModel 1.1M params, committed safetensors)",
 )
 MODELS.register(
+    "embedded-ddpm-zsnr", "bench.models:embedded_pixel_ddpm_zsnr",
+    "the same pixel DDPM trained with zero-terminal-SNR betas and v-prediction (Lin et al. 2023)",
+)
+MODELS.register(
     "google/ddpm-cifar10-32", "bench.models:ddpm_cifar10",
     "Ho et al.'s CIFAR-10 DDPM (35.7M params); needs the download",
+)
+
+# -- text-to-image: guidance methods, CLIP score and attribute accuracy, prompt data sets, latent models -----------------
+METHODS.register(
+    "cfg", "methods.cfg:CFG",
+    "classifier-free guidance: eps_u + s (eps_c - eps_u), both branches in one batched forward pass",
+    "Ho and Salimans 2022, Classifier-Free Diffusion Guidance",
+)
+METHODS.register(
+    "cfg-rescale", "methods.cfg_rescale:CFGRescale",
+    "CFG with the guided output rescaled to the conditional output's std, blended by phi",
+    "Lin et al. 2024, Common Diffusion Noise Schedules and Sample Steps are Flawed",
+)
+METHODS.register(
+    "freeu", "methods.freeu:FreeU",
+    "FreeU: scale the UNet decoder's backbone features (b) and damp its skip features' low frequencies (s)",
+    "Si et al. 2024, FreeU: Free Lunch in Diffusion U-Net",
+)
+METHODS.register(
+    "classifier-guidance", "methods.classifier_guidance:ClassifierGuidance",
+    "DDIM guided by a noise-aware classifier's gradient towards a requested class (eps - sqrt(1-abar) s grad)",
+    "Dhariwal and Nichol 2021, Diffusion Models Beat GANs on Image Synthesis",
+)
+METRICS.register("clip-score", "metrics.clip_score:CLIPScore",
+                 "CLIP score 100*max(cos,0) (torchmetrics scale) via clip-anytorch; the data set names the backbone")
+METRICS.register("attribute-accuracy", "metrics.attribute_accuracy:AttributeAccuracy",
+                 "GenEval-style attribute accuracy (count, shape, color, background) by the embedded feature network's heads")
+DATASETS.register("shapes32", "bench.datasets:Shapes32",
+                  "embedded text-to-image world, 32x32, 1-2 objects: 10k reference images, captions with attributes")
+DATASETS.register("coco2014-captions", "bench.datasets:Coco2014Captions",
+                  "COCO-2014 val captions as prompts, val2014 images as FID reference (Inception); needs the download")
+DATASETS.register("partiprompts", "bench.datasets:PartiPrompts",
+                  "PartiPrompts (1,632 prompts; TSV with Prompt, Category, Challenge, Note); needs the file")
+DATASETS.register("drawbench", "bench.datasets:DrawBench",
+                  "DrawBench (200 prompts; CSV with Prompts, Category); needs the file")
+DATASETS.register("prompt-file", "bench.datasets:PromptFile",
+                  "a prompt file of yours (one prompt a line): pass its path as --dataset")
+MODELS.register(
+    "embedded-t2i", "bench.models:embedded_t2i",
+    "tiny latent text-to-image StableDiffusionPipeline of the shapes world (32x32, 4x8x8 latents; committed safetensors)",
+)
+MODELS.register(
+    "stable-diffusion-v1-5/stable-diffusion-v1-5", "bench.models:stable_diffusion_v1_5",
+    "Stable Diffusion v1.5 (Rombach et al. 2022), 512x512; needs the download",
 )

@@ -125,7 +125,8 @@ def load_cached(path: Path) -> torch.Tensor | None:
     if not path.exists():
         return None
     try:
-        return load_file(str(path))["features"]
+        # copied out of the memory map: another run may replace the cache file while this one still uses it
+        return load_file(str(path))["features"].clone()
     except (SafetensorError, KeyError, OSError):  # a damaged cache entry is recomputed, never trusted
         return None
 

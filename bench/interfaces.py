@@ -55,6 +55,36 @@ class DiffusionModel:
     def identity(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "digest": self.digest, "kind": self.kind}
 
+    def modules(self) -> list[Any]:
+        """The torch modules a run moves to its device and dtype."""
+        return [self.unet]
+
+
+@dataclass
+class TextToImageModel(DiffusionModel):
+    """A latent text-to-image model: the parts of a ``StableDiffusionPipeline`` (kind "text-to-image").
+
+    ``unet`` denoises latents of ``latent_shape``; ``sample_shape`` is the decoded image's.
+    """
+
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    latent_shape: tuple[int, int, int] = (4, 8, 8)
+    pipeline: Any = None  # the loaded pipeline object (its parts are the fields above)
+
+    def modules(self) -> list[Any]:
+        return [self.unet, self.vae, self.text_encoder]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a prompt data set; ``attributes`` is the embedded world's ground truth (else None)."""
+
+    text: str
+    attributes: Mapping[str, Any] | None = None
+    category: str = ""
+
 
 class Method(ABC):
     """A method adapter: one paper, one class. Options are the fields of ``Args``."""
@@ -65,6 +95,9 @@ class Method(ABC):
     card: ClassVar[MethodCard]
     model_kinds: ClassVar[tuple[str, ...]] = ("pixel-diffusion",)
     Args: ClassVar[type] = NoArgs
+    text_conditioned: ClassVar[bool] = False  # True: generate() takes the prompts of its samples
+    conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier": which contract tests apply
+    default_dataset: ClassVar[str | None] = None  # used instead of the spec's default data set, if set
 
     def __init__(self, args: Any):
         self.args = args
@@ -90,11 +123,31 @@ class Method(ABC):
                 f"but {model.name!r} is {model.kind}"
             )
 
+    def targets(self, num_samples: int) -> list[Mapping[str, Any]] | None:
+        """Attributes each sample is asked to have (e.g. a guidance target), for attribute accuracy; None: none."""
+        return None
+
     @abstractmethod
     def generate(
         self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser"
     ) -> "torch.Tensor":
         """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on seeds[i] alone."""
+
+
+class TextToImageMethod(Method):
+    """A method conditioned on text: sample i gets prompt i of the data set (and seed i), whatever the batching."""
+
+    model_kinds: ClassVar[tuple[str, ...]] = ("text-to-image",)
+    text_conditioned: ClassVar[bool] = True
+    conditioning: ClassVar[str] = "text"
+    default_dataset: ClassVar[str | None] = "shapes32"
+
+    @abstractmethod
+    def generate(  # type: ignore[override]
+        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser",
+        prompts: Sequence[str] = (),
+    ) -> "torch.Tensor":
+        """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on (seeds[i], prompts[i]) alone."""
 
 
 class ReferenceSet(ABC):
@@ -106,6 +159,17 @@ class ReferenceSet(ABC):
     default_model: ClassVar[str]
     feature_extractor: ClassVar[str]  # a torch-fidelity feature extractor name
     embedded: ClassVar[bool] = False
+    has_images: ClassVar[bool] = True  # False: a prompt-only data set (no FID/KID)
+    clip_backbone: ClassVar[str] = "ViT-B/32"  # the CLIP of its CLIP score (the embedded world has its own)
+    default_metrics: ClassVar[tuple[str, ...] | None] = None  # used instead of the spec's default metrics
+
+    def prompts(self, num_samples: int) -> "list[Prompt] | None":
+        """Prompt i for sample i (``num_samples`` of them), or None for a data set without prompts."""
+        return None
+
+    def prompts_identity(self) -> dict[str, Any]:
+        """What defines the prompts (beyond their texts, which the run hashes): file digests, seeds."""
+        return self.identity()
 
     def preflight(self) -> None:
         """Raise BenchError (one line: what to download, where to put it) if the data is missing."""
@@ -124,6 +188,8 @@ class Metric(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    needs_prompts: ClassVar[bool] = False  # the run must have prompts (a text-to-image method)
+    needs_targets: ClassVar[bool] = False  # the run must say which attributes each sample should have
 
     def check(self, spec: Any, reference: ReferenceSet) -> None:
         """Raise BenchError before any sampling if the run cannot give a meaningful value."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel
+from bench.interfaces import DiffusionModel, TextToImageModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -124,6 +124,72 @@ def ddpm_cifar10() -> DiffusionModel:
     return load_pixel_diffusion("google/ddpm-cifar10-32", name="google/ddpm-cifar10-32")
 
 
+# -- text-to-image: StableDiffusionPipeline folders -------------------------------------------------------------------
+SD_WEIGHT_FILES = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                   "text_encoder/model.safetensors")
+SD_TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer.json")
+
+
+def pipeline_class(folder: Path) -> str | None:
+    """The ``_class_name`` of a diffusers pipeline folder's model_index.json, or None."""
+    try:
+        return json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def load_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
+    """A ``StableDiffusionPipeline`` folder or hub id, loaded as SD-1.5 is: ``from_pretrained``, no safety checker."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = resolve_folder(source)
+    if pipeline_class(folder) != "StableDiffusionPipeline":
+        raise BenchError(f"{folder} is not a StableDiffusionPipeline folder (model_index.json names "
+                         f"{pipeline_class(folder)})")
+    missing = [f for f in SD_WEIGHT_FILES if not (folder / f).exists()]
+    if missing:
+        raise BenchError(f"{folder} lacks {', '.join(missing)} (safetensors weights are required; nothing is unpickled)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, safety_checker=None, requires_safety_checker=False, dtype=torch.float32, use_safetensors=True
+        )
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {folder}: {_first_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    scheduler_config["_class_name"] = type(pipe.scheduler).__name__
+    files = [folder / f for f in SD_WEIGHT_FILES + SD_TOKENIZER_FILES if (folder / f).exists()]
+    latent = pipe.unet.config.sample_size
+    latent_hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
+    factor = pipe.vae_scale_factor
+    return TextToImageModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config, "vae_scaling_factor": pipe.vae.config.scaling_factor}),
+        kind="text-to-image",
+        unet=pipe.unet,
+        scheduler_config=scheduler_config,
+        sample_shape=(3, latent_hw[0] * factor, latent_hw[1] * factor),
+        embedded=embedded,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        latent_shape=(pipe.unet.config.in_channels, *latent_hw),
+        pipeline=pipe,
+    )
+
+
+def embedded_t2i() -> TextToImageModel:
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i"), name="embedded-t2i", embedded=True)
+
+
+def stable_diffusion_v1_5() -> TextToImageModel:
+    return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
 def load_model(name: str) -> DiffusionModel:
     """A registered model by name, else a local folder or hub id through the generic loader."""
     from bench.catalog import MODELS
@@ -131,5 +197,7 @@ def load_model(name: str) -> DiffusionModel:
     if name in MODELS:
         return MODELS.get(name)()
     if "/" in name or name.startswith(("~", ".")) or Path(name).exists():  # a folder or a hub id
+        if pipeline_class(resolve_folder(name)) == "StableDiffusionPipeline":
+            return load_text_to_image(name)
         return load_pixel_diffusion(name)
     raise BenchError(MODELS.unknown_message(name) + "; or pass a save_pretrained folder or a hub id (org/name)")

@@ -58,12 +58,15 @@ class ClassifierGuidance(SchedulerSampler):
         url="https://arxiv.org/abs/2105.05233",
         reproduces="Algorithm 2 (conditional sampling with DDIM): eps_hat = eps(x_t) - sqrt(1 - abar_t) "
         "grad_x log p_phi(y | x_t), with the gradient scaled by s (section 4.3), and the classifier trained on noisy "
-        "x_t of the model's own forward process (section 4). The classifier is the embedded world's "
+        "x_t of the model's own forward process (section 4). As in the paper's code (guided-diffusion ddim_sample), "
+        "eps is re-derived from the clipped x0 before the shift and the step does not clip again: diffusers' DDIM "
+        "step clips x0 but keeps the shifted eps, which at large s flips the guided color to its complement. The classifier is the embedded world's "
         "(bench embedded train noisy-classifier); any subset of color, shape and background can be the class y.",
         reference="ImageNet 256 (Table 4; verify): an unconditional model with classifier guidance at scale 10 goes "
         "from FID 26.21 to 12.00 and IS 39.70 to 95.41: fidelity and class agreement rise with the scale.",
-        embedded_claim="On embedded-ddpm, guiding towards a color raises the share of samples the feature network "
-        "reads as that color from about 1/6 (unguided) to well above half (tests/test_guidance.py).",
+        embedded_claim="On embedded-ddpm (DDIM 20 steps, 48 samples, target red), the share of samples the feature "
+        "network reads as red rises with the scale: 10% unguided, 75% at s=1, 98% at s=2, 100% at s=4 and s=8, "
+        "images staying clean (tests/test_guidance.py checks s=4 against s=0).",
     )
     Args = ClassifierGuidanceArgs
     scheduler_class = "DDIMScheduler"
@@ -71,6 +74,10 @@ class ClassifierGuidance(SchedulerSampler):
 
     def step_kwargs(self) -> dict[str, Any]:
         return {"eta": 0.0}
+
+    def scheduler_overrides(self) -> dict[str, Any]:
+        # the model's x0 clipping happens before the gradient shift (guided-diffusion's ddim_sample), not in the step
+        return {"clip_sample": False}
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
@@ -91,7 +98,9 @@ class ClassifierGuidance(SchedulerSampler):
 
         folder = classifier_folder()
         return {"classifier": "embedded noisy-classifier",
-                "classifier_digest": file_digest([folder / "model.safetensors", folder / "config.json"])}
+                "classifier_digest": file_digest([folder / "model.safetensors", folder / "config.json"]),
+                "x0_clipping": bool(model.scheduler_config.get("clip_sample", False)),
+                "update": "guided-diffusion ddim_sample: eps from the clipped x0, shifted by -sqrt(1-abar) s grad"}
 
     def targets(self, num_samples: int) -> list[Mapping[str, Any]]:
         t = self.args.targets()
@@ -113,18 +122,23 @@ class ClassifierGuidance(SchedulerSampler):
         classifier = load(classifier_folder()).to(param.device)
         labels = {k: torch.full((len(seeds),), HEADS[k].index(v), device=param.device) for k, v in self.args.targets().items()}
         scale = float(self.args.classifier_scale)
+        clip_x0 = bool(model.scheduler_config.get("clip_sample", False))
+        range_ = float(model.scheduler_config.get("clip_sample_range", 1.0))
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         x = randn_tensor((len(seeds), *model.sample_shape), generator=generators, dtype=torch.float32)
         x = (x * scheduler.init_noise_sigma).to(param.device, param.dtype)
         for t in scheduler.timesteps:
             eps = denoiser(scheduler.scale_model_input(x, t), t)
+            abar = scheduler.alphas_cumprod[int(t)].to(param.device)
+            if clip_x0:  # the model's own x0 clipping, with eps re-derived from it (as guided-diffusion does)
+                x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-range_, range_)
+                eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
             if scale > 0:
                 with torch.enable_grad():
                     x_in = x.detach().float().requires_grad_(True)
                     logits = classifier(x_in, t.to(param.device))
                     log_p = sum(torch.log_softmax(logits[k], 1).gather(1, y[:, None]).sum() for k, y in labels.items())
                     grad = torch.autograd.grad(log_p, x_in)[0]
-                abar = scheduler.alphas_cumprod[int(t)].to(param.device)
                 eps = eps - (1 - abar).sqrt() * scale * grad.to(eps.dtype)  # Algorithm 2, line 4
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
         return x.float()

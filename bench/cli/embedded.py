@@ -13,6 +13,10 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- text-to-image world (32x32) --
     "tokenizer": ("bench.embedded.tokenizer", "Recipe", "t2i/tokenizer"),
     "feature-net32": ("bench.embedded.feature_net", "Recipe32", "feature-net32"),
+    "eval-clip": ("bench.embedded.eval_clip", "Recipe", "eval-clip"),
+    "t2i-vae": ("bench.embedded.t2i", "VaeRecipe", "t2i/vae"),
+    "t2i-unet": ("bench.embedded.t2i", "UnetRecipe", "t2i"),  # the unet and the text encoder, jointly
+    "noisy-classifier": ("bench.embedded.noisy_classifier", "Recipe", "noisy-classifier"),
 }
 
 

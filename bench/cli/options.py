@@ -68,8 +68,21 @@ def method_option_type(field: dataclasses.Field):
     return str
 
 
-def add_method_options(p: argparse.ArgumentParser, method_name: str, only: list[str] | None = None) -> list[str]:
-    """Add the fields of the method's Args (or those in ``only``) as --options; return their names."""
+def value_list(convert):
+    """A comma list of values of one option (a sweep's grid axis): ``1,2,4`` -> (1.0, 2.0, 4.0)."""
+
+    def parse(text: str) -> tuple:
+        return tuple(convert(item) for item in comma_list(text))
+
+    return parse
+
+
+def add_method_options(p: argparse.ArgumentParser, method_name: str, only: list[str] | None = None,
+                       lists: bool = False) -> list[str]:
+    """Add the fields of the method's Args (or those in ``only``) as --options; return their names.
+
+    With ``lists`` every option takes a comma list of values (``bench sweep``: each value is a grid cell).
+    """
     from bench.catalog import METHODS
 
     cls = METHODS.get(method_name)
@@ -79,8 +92,9 @@ def add_method_options(p: argparse.ArgumentParser, method_name: str, only: list[
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"m_{f.name}", type=method_option_type(f),
-                       metavar=f.name.upper(), default=None,
+        convert = method_option_type(f)
+        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"m_{f.name}", type=value_list(convert) if lists else convert,
+                       metavar=f"{f.name.upper()}[,...]" if lists else f.name.upper(), default=None,
                        help=f"{f.metadata.get('help', '')} (default: {default})".strip())
         dests.append(f.name)
     return dests

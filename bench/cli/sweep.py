@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import itertools
 from pathlib import Path
 
 from bench.cli import options
@@ -39,7 +39,7 @@ def add_parser(sub, argv: list[str]) -> None:
         for m in methods:  # one --option per distinct field, shared by the methods that have it
             new = [d for d in dests[m] if d not in seen]
             if new:
-                options.add_method_options(p, m, only=new)
+                options.add_method_options(p, m, only=new, lists=True)  # a comma list: one cell per value
             seen.update(dests[m])
     p.set_defaults(func=lambda args: run(args, dests))
 
@@ -61,23 +61,24 @@ def build(args, dests: dict[str, list[str]]):
         suite = load_suite(args.suite)
         base = resolve_spec(cli, {**suite.defaults, **file_values})
         return suite.name, base, suite.cells
-    if not args.method or not args.steps:
-        raise BenchError("bench sweep needs --method and --steps (or --suite FILE)")
+    if not args.method:
+        raise BenchError("bench sweep needs --method (or --suite FILE)")
     given = {d: getattr(args, f"m_{d}") for ds in dests.values() for d in ds if getattr(args, f"m_{d}", None) is not None}
     base = resolve_spec(cli, file_values)
+    if not args.steps:  # one steps value: the --config file's or the default
+        args.steps = (base.steps,)
     seeds = range(args.seeds or 1)
     cells = []
     for method in args.method:
-        margs = {k: v for k, v in given.items() if k in dests.get(method, [])}
-        cells += grid_cells([{"method": method, "steps": list(args.steps), "method_args": margs}], seeds)
+        axes = {k: v for k, v in given.items() if k in dests.get(method, [])}
+        for values in itertools.product(*axes.values()):  # method options given as comma lists span the grid
+            margs = dict(zip(axes, values))
+            cells += grid_cells([{"method": method, "steps": list(args.steps), "method_args": margs}], seeds)
     return "sweep", base, cells
 
 
 def run(args, dests: dict[str, list[str]]) -> int:
-    import pandas as pd
-
-    from bench.runner import execute, plan_run
-    from bench.sweep import SUMMARY_METRICS, cell_spec, format_table, plot_fid_vs_nfe, summarize, sweep_id
+    from bench.sweep import plan_cells, run_cells, sweep_id, write_summary
     from bench.tracking import Tracker
 
     name, base, cells = build(args, dests)
@@ -85,29 +86,19 @@ def run(args, dests: dict[str, list[str]]) -> int:
     tracker.check()
     sid = sweep_id(base, cells)
     out = Path(args.out) if args.out else Path("bench-runs") / f"sweep-{name}-{sid}"
-    # plan every cell first: bad input fails before any sampling
-    plans = [(cell, plan_run(cell_spec(base, cell, name))) for cell in cells]
+    plans = plan_cells(name, base, cells)
     out.mkdir(parents=True, exist_ok=True)
     print(f"diffbench sweep {name!r}: {len(plans)} runs, {base.num_samples} samples each, dataset {base.dataset}; "
           f"results in {out}")
-    rows = []
-    for i, (cell, plan) in enumerate(plans, 1):
-        print(f"[{i}/{len(plans)}] {cell.label()} {cell.steps} steps, seed {cell.seed}", flush=True)
-        result = execute(plan, tracker, progress=not args.no_progress)
-        tracker.set_tags(result.run_id, {"sweep": name, "sweep_id": sid})
-        rows.append({"config": cell.label(), "method": cell.method, "steps": cell.steps, "seed": cell.seed,
-                     "run_id": result.run_id, "eval_protocol_hash": plan.eval_protocol_hash, **result.values})
-        pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)  # kept current: nothing is lost on a crash
-    summary = summarize(rows, [m for m in SUMMARY_METRICS if m in rows[0]])
-    summary.to_csv(out / "table.csv", index=False)
-    table = format_table(summary)
-    (out / "table.md").write_text(table + "\n")
-    meta = {"name": name, "sweep_id": sid, "base": base.to_dict(), "cells": len(cells),
-            "eval_protocol_hashes": sorted({r["eval_protocol_hash"] for r in rows})}
-    (out / "sweep.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if "fid" in summary and "nfe" in summary:
-        plot_fid_vs_nfe(summary, out / "fid_vs_nfe.png",
-                        f"{name}: FID vs NFE ({base.dataset}, {base.num_samples} samples, {len(set(c.seed for c in cells))} seed(s))")
+    rows = run_cells(name, sid, plans, tracker, out, progress=not args.no_progress)
+    _, table = write_summary(name, sid, base, cells, rows, out)
     print(table)
     print(f"table: {out / 'table.md'}  plot: {out / 'fid_vs_nfe.png'}")
+    from bench.tradeoff import plot_option_tradeoff, varied_options
+
+    for option in varied_options(cells):  # e.g. --guidance 1,2,4,8: the metrics against the guidance scale
+        dataset = plans[0][1].spec.dataset
+        if plot_option_tradeoff(rows, option, out / f"tradeoff_{option}.png",
+                                f"{name}: metrics vs {option} ({dataset}, {base.num_samples} samples)"):
+            print(f"trade-off plot: {out / f'tradeoff_{option}.png'}")
     return 0

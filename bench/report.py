@@ -1,0 +1,538 @@
+"""A comparison report from MLflow runs: one self-contained HTML page (or markdown with its images).
+
+Sections: the leaderboard; quality-versus-NFE and quality-versus-latency (Pareto)
+plots; each configuration's image grid at one shared run seed (sample i of every
+run with that seed starts from the same noise, so grids compare cell by cell);
+each method card's paper reference next to the value reproduced here, with
+pass/fail where a claim is checkable (``CLAIMS``); and the environment.
+
+The HTML page fetches nothing: images are inlined as base64 PNG and a Content
+Security Policy forbids every other source. All text from runs and cards is
+escaped (``html.escape``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from bench.errors import BenchError
+from bench.leaderboard import (METRIC_LABELS, check_comparable, config_table, display_rows, fmt_ci, lower_is_better,
+                               non_default_args)
+from bench.sweep import noise_margin
+
+# -- claims: what a method card says about the embedded world, as data ------------------------
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One configuration named by a claim: a method with its non-default args, at a step count."""
+
+    method: str
+    steps: int
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
+        return f"{self.method}({inner}) {self.steps} steps" if inner else f"{self.method} {self.steps} steps"
+
+    def matches(self, row) -> bool:
+        if row["method"] != self.method or int(row["steps"]) != self.steps:
+            return False
+        return non_default_args(self.method, json.loads(row["method_args"])) == {k: str(v) for k, v in self.args.items()}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """``subject`` stands in ``relation`` to ``other`` on ``metric``, beyond seed noise.
+
+    With a = subject's mean, b = other's, and m = noise_margin(b, CIs, tolerance)
+    (max(tolerance x |b|, root-sum-square of the two 95% half-widths)):
+    below: a < b - m; at_or_below: a <= b + m; near: |a - b| <= m;
+    above: a > b + m; at_or_above: a >= b - m.
+    """
+
+    method: str  # whose card makes the claim
+    subject: Pick
+    relation: str
+    other: Pick
+    metric: str = "fid"
+    tolerance: float = 0.10
+    model: str = "embedded-ddpm"
+    dataset: str = "shapes16"
+
+
+RELATIONS = {
+    "below": ("clearly below", lambda a, b, m: a < b - m),
+    "at_or_below": ("at or below", lambda a, b, m: a <= b + m),
+    "near": ("near", lambda a, b, m: abs(a - b) <= m),
+    "above": ("clearly above", lambda a, b, m: a > b + m),
+    "at_or_above": ("at or above", lambda a, b, m: a >= b - m),
+}
+
+
+def _p(method: str, steps: int, **args: Any) -> Pick:
+    return Pick(method, steps, args)
+
+
+# The embedded claims of the method cards (methods/*.py, `bench ls methods --cards`), one row per check.
+CLAIMS: tuple[Claim, ...] = (
+    Claim("ddim", _p("ddim", 50), "below", _p("ddim", 5)),
+    Claim("ddpm", _p("ddpm", 1000), "near", _p("ddim", 50)),
+    Claim("pndm", _p("pndm", 20), "at_or_below", _p("ddim", 50)),
+    Claim("dpmsolver", _p("dpmsolver", 10), "at_or_below", _p("ddim", 50)),
+    Claim("dpmsolver", _p("dpmsolver", 20), "at_or_below", _p("ddim", 50)),
+    Claim("dpmsolver++", _p("dpmsolver++", 10), "at_or_below", _p("ddim", 50)),
+    Claim("dpmsolver++", _p("dpmsolver++", 20), "at_or_below", _p("ddim", 50)),
+    Claim("dpmsolver++-sde", _p("dpmsolver++-sde", 20), "near", _p("dpmsolver++", 20)),
+    Claim("dpmsolver++-sde", _p("dpmsolver++-sde", 50), "near", _p("dpmsolver++", 50)),
+    Claim("unipc", _p("unipc", 5), "at_or_below", _p("dpmsolver++", 5)),
+    Claim("unipc", _p("unipc", 10), "at_or_below", _p("dpmsolver++", 10)),
+    Claim("deis", _p("deis", 10, solver_order=3), "at_or_below", _p("ddim", 10)),
+    Claim("euler", _p("euler", 35), "at_or_above", _p("heun", 18)),
+    Claim("heun", _p("heun", 18), "at_or_below", _p("euler", 35)),
+    Claim("euler-ancestral", _p("euler-ancestral", 50), "near", _p("ddpm", 1000)),
+    Claim("euler-ancestral", _p("euler-ancestral", 50), "above", _p("euler", 10)),
+    Claim("lms", _p("lms", 20), "near", _p("euler", 50)),
+    Claim("kdpm2", _p("kdpm2", 10), "near", _p("heun", 10)),
+)
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    subject: tuple[float, float, int] | None  # mean, 95% half-width, seeds
+    other: tuple[float, float, int] | None
+    margin: float = float("nan")
+    verdict: str = "not measured"  # pass | fail | not measured
+
+    def sentence(self) -> str:
+        c = self.claim
+        return (f"{c.metric} of {c.subject.label()} {RELATIONS[c.relation][0]} {c.other.label()} "
+                f"(tolerance {c.tolerance:.0%} or the seed CI)")
+
+    def measured(self) -> str:
+        def one(v):
+            return "not run" if v is None else f"{fmt_ci(v[0], v[1])} ({v[2]} seed{'s' * (v[2] != 1)})"
+
+        margin = "" if math.isnan(self.margin) else f"; margin {self.margin:.3f}"
+        return f"{one(self.subject)} vs {one(self.other)}{margin}"
+
+
+def judge_claims(runs, claims: Sequence[Claim] = CLAIMS) -> list[ClaimResult]:
+    """Check each claim on the runs of its model and data set (configurations averaged over seeds)."""
+    results = []
+    tables: dict[tuple[str, str, str], Any] = {}
+    for claim in claims:
+        key = (claim.model, claim.dataset, claim.metric)
+        if key not in tables:
+            sel = runs[(runs["model"] == claim.model) & (runs["dataset"] == claim.dataset)]
+            sel = sel[sel[claim.metric].notna()] if claim.metric in sel else sel.iloc[0:0]
+            tables[key] = config_table(sel, [claim.metric], by=()) if len(sel) else None
+        table = tables[key]
+
+        def value(pick: Pick):
+            if table is None:
+                return None
+            hit = [r for _, r in table.iterrows() if pick.matches(r)]
+            if not hit:
+                return None
+            r = hit[0]
+            return float(r[claim.metric]), float(r[f"{claim.metric}_ci95"]), int(r["seeds"])
+
+        a, b = value(claim.subject), value(claim.other)
+        result = ClaimResult(claim, a, b)
+        if a is not None and b is not None:
+            result.margin = noise_margin(b[0], a[1], b[1], claim.tolerance)
+            result.verdict = "pass" if RELATIONS[claim.relation][1](a[0], b[0], result.margin) else "fail"
+        results.append(result)
+    return results
+
+
+# -- the report's content -------------------------------------------------------------------------
+
+
+@dataclass
+class Section:
+    """Extra content (e.g. the nightly comparison): escaped by whoever builds it."""
+
+    title: str
+    html: str
+    md: str
+
+
+@dataclass
+class Report:
+    title: str
+    subtitle: str
+    metric: str
+    board: Any
+    headers: list[str]
+    groups: list
+    plots: list[tuple[str, bytes]]  # caption, PNG
+    grid_seed: int | None
+    grids: dict[int, dict[str, tuple[bytes, str]]]  # steps -> config -> (PNG, caption)
+    grid_configs: list[str]
+    cards: list[dict[str, Any]]
+    environment: list[tuple[str, str]]
+    sections: list[Section] = field(default_factory=list)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_quality_vs_nfe(board, metric: str, title: str) -> bytes:
+    from bench.sweep import plot_fid_vs_nfe
+
+    buf = io.BytesIO()
+    plot_fid_vs_nfe(board, buf, title, metric=metric)
+    return buf.getvalue()
+
+
+def pareto_front(points: Sequence[tuple[float, float]], lower_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both cost (x) and quality (y), by increasing cost."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1] if lower_better else -points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        y = points[i][1] if lower_better else -points[i][1]
+        if y < best:
+            front.append(i)
+            best = y
+    return front
+
+
+def plot_pareto(board, metric: str, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = board[board["latency_per_image_ms"].notna() & board[metric].notna()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for label, group in data.groupby("config", sort=False):
+        xerr = group.get("latency_per_image_ms_ci95")
+        yerr = group.get(f"{metric}_ci95")
+        ax.errorbar(group["latency_per_image_ms"], group[metric],
+                    xerr=None if xerr is None or xerr.isna().all() else xerr,
+                    yerr=None if yerr is None or yerr.isna().all() else yerr,
+                    fmt="o", capsize=2, label=label)
+        for _, r in group.iterrows():
+            ax.annotate(f"{int(r['steps'])}", (r["latency_per_image_ms"], r[metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    points = list(zip(data["latency_per_image_ms"], data[metric]))
+    front = pareto_front(points, lower_is_better(metric))
+    if front:
+        xs, ys = zip(*(points[i] for i in front))
+        ax.step(xs, ys, where="post", color="black", alpha=0.5, linewidth=1, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency per image (ms, median over batches; log)")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def grid_png(client, run_id: str, output: str) -> bytes | None:
+    """The run's grid.png artifact (the local output folder's copy if the store has none), at half size."""
+    from PIL import Image
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    raw = None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(client.download_artifacts(run_id, "grid.png", tmp)).read_bytes()
+    except Exception:
+        local = Path(output) / "grid.png" if output else None
+        if local and local.is_file():
+            raw = local.read_bytes()
+    if raw is None:
+        return None
+    img = Image.open(io.BytesIO(raw))
+    if img.width > 300:  # saved at 4x; 2x keeps every pixel sharp at a quarter of the bytes
+        img = img.resize((img.width // 2, img.height // 2), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def common_seed(runs) -> int | None:
+    """The seed that most configurations ran with (the smallest on ties)."""
+    counts = runs.groupby("seed")["config_key"].nunique()
+    if counts.empty:
+        return None
+    best = counts.max()
+    return int(min(s for s, n in counts.items() if n == best))
+
+
+def collect_grids(client, runs, board) -> tuple[int | None, dict[int, dict[str, tuple[bytes, str]]], list[str]]:
+    runs = runs.copy()
+    runs["config_key"] = runs["config"] + "@" + runs["steps"].astype(str) + "@" + runs["model"]
+    seed = common_seed(runs)
+    grids: dict[int, dict[str, tuple[bytes, str]]] = {}
+    configs: list[str] = []
+    if seed is None:
+        return None, grids, configs
+    # one image per (configuration, steps) of the leaderboard's first device: the seed's latest run
+    device = board.iloc[0]["device"]
+    for _, r in board[board["device"] == device].sort_values(["config", "steps"]).iterrows():
+        hit = runs[(runs["config"] == r["config"]) & (runs["steps"] == r["steps"]) & (runs["model"] == r["model"])
+                   & (runs["seed"] == seed) & (runs["device"] == device)].sort_values("start_time")
+        if hit.empty:
+            continue
+        run = hit.iloc[-1]
+        png = grid_png(client, run["run_id"], run["output"])
+        if png is None:
+            continue
+        label = r["config"] if r["model"] == board.iloc[0]["model"] else f"{r['config']} [{r['model']}]"
+        if label not in configs:
+            configs.append(label)
+        value = run.get("fid", float("nan"))
+        caption = f"{label}, {int(r['steps'])} steps, NFE {run.get('nfe', float('nan')):g}, seed {seed}" + (
+            "" if value is None or math.isnan(value) else f", FID {value:.2f} (this seed)") + f"; run {run['run_name']}"
+        grids.setdefault(int(r["steps"]), {})[label] = (png, caption)
+    return seed, grids, configs
+
+
+def method_cards(runs, results: list[ClaimResult]) -> list[dict[str, Any]]:
+    from bench.catalog import METHODS
+
+    out = []
+    for method in sorted(set(runs["method"])):
+        try:
+            card = METHODS.get(method).card
+        except Exception:
+            card = None
+        checks = [r for r in results if r.claim.method == method]
+        out.append({
+            "method": method,
+            "citation": card.citation if card else "",
+            "url": card.url if card else "",
+            "reference": card.reference if card else "",
+            "claim": card.embedded_claim if card else "",
+            "checks": [{"check": r.sentence(), "measured": r.measured(), "verdict": r.verdict} for r in checks],
+        })
+    return out
+
+
+def strip_credentials(uri: str) -> str:
+    return re.sub(r"//[^/@]+@", "//***@", uri)
+
+
+def environment(runs, tracking_uri: str) -> list[tuple[str, str]]:
+    import bench
+
+    def values(column: str, short: int | None = None) -> str:
+        counts = runs[column].fillna("").map(lambda v: v[:short] if short else v).value_counts()
+        return ", ".join(f"{v or '(unknown)'} ({n} run{'s' * (n != 1)})" for v, n in counts.items())
+
+    devices = (runs["device"] + " (" + runs["device_name"] + ")").value_counts()
+    return [
+        ("torch", values("torch_version")),
+        ("diffusers", values("diffusers_version")),
+        ("device", ", ".join(f"{d} ({n} run{'s' * (n != 1)})" for d, n in devices.items())),
+        ("diffbench commit", values("diffbench_git_sha", 12)),
+        ("MLflow store", strip_credentials(tracking_uri)),
+        ("report made by", f"diffbench {bench.__version__}, Python {platform.python_version()}, "
+                           f"{platform.system()} {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M %Z')}"),
+    ]
+
+
+def build(runs, metric: str, client, tracking_uri: str, title: str, subtitle: str,
+          sections: Sequence[Section] = ()) -> Report:
+    """Everything the page shows, computed once; the renderers only format it."""
+    from bench.leaderboard import leaderboard
+
+    board = leaderboard(runs, metric)
+    runs = runs[runs[metric].notna()]
+    headers, groups = display_rows(board, metric)
+    plots = []
+    label = METRIC_LABELS.get(metric, metric)
+    for (h, device), group in board.groupby(["eval_protocol_hash", "device"], sort=False):
+        where = f"{group.iloc[0]['dataset']}, n={group.iloc[0]['num_samples']}, {device}"
+        if "nfe" in group and group["nfe"].notna().any():
+            plots.append((f"{label} versus NFE ({where}, protocol {h[:10]})",
+                          plot_quality_vs_nfe(group, metric, f"{label} vs NFE ({where})")))
+        if "latency_per_image_ms" in group and group["latency_per_image_ms"].notna().any():
+            plots.append((f"{label} versus latency per image, Pareto front ({where}, protocol {h[:10]})",
+                          plot_pareto(group, metric, f"{label} vs latency ({where})")))
+    try:
+        check_comparable(runs, "fid")
+        results = judge_claims(runs) if "fid" in runs else []
+    except BenchError:  # FID under several protocols: no claim can be checked across them
+        results = []
+    seed, grids, configs = collect_grids(client, runs, board)
+    return Report(title, subtitle, metric, board, headers, groups, plots, seed, grids, configs,
+                  method_cards(runs, results), environment(runs, tracking_uri), list(sections))
+
+
+# -- rendering ------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,'DejaVu Sans',sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.sub{color:#666;margin-top:0}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0} figcaption{font-size:.8em;color:#555;max-width:600px}
+.grids{overflow-x:auto} .grids img{width:200px;image-rendering:pixelated}
+.pass{color:#fff;background:#2a7d2a;padding:0 .4em;border-radius:3px}
+.fail{color:#fff;background:#b22;padding:0 .4em;border-radius:3px}
+.none{color:#555;background:#eee;padding:0 .4em;border-radius:3px}
+.small{font-size:.85em;color:#444}
+"""
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def verdict_badge(verdict: str) -> str:
+    cls = {"pass": "pass", "fail": "fail"}.get(verdict, "none")
+    return f'<span class="{cls}">{e(verdict)}</span>'
+
+
+def render_html(r: Report) -> str:
+    out = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{e(r.title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{e(r.title)}</h1>", f'<p class="sub">{e(r.subtitle)}</p>',
+    ]
+    for s in r.sections:
+        out += [f"<h2>{e(s.title)}</h2>", s.html]
+    out.append('<h2 id="leaderboard">Leaderboard</h2>')
+    ranked = "lower is better" if lower_is_better(r.metric) else "higher is better"
+    out.append(f'<p class="small">Ranked by {e(r.metric)} ({ranked}) within each metric protocol and device; '
+               "mean +- 95% t-interval half-width over seeds.</p>")
+    for (h, device, desc), rows in r.groups:
+        out.append(f"<h3>metric protocol <code>{e(h[:10])}</code> on {e(device)} ({e(desc)})</h3>")
+        out.append('<table class="leaderboard"><thead><tr>' + "".join(f"<th>{e(x)}</th>" for x in r.headers)
+                   + "</tr></thead><tbody>")
+        for row in rows:
+            cells = "".join(f"<td>{e(c)}</td>" if i == 1 else f'<td class="num">{e(c)}</td>' for i, c in enumerate(row))
+            out.append(f"<tr>{cells}</tr>")
+        out.append("</tbody></table>")
+    out.append('<h2 id="plots">Plots</h2><div class="plots">')
+    for caption, png in r.plots:
+        out.append(f'<figure><img src="{data_uri(png)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
+    out.append("</div>")
+    out.append('<h2 id="samples">Samples</h2>')
+    if r.grid_seed is None or not r.grids:
+        out.append("<p>No grid.png artifacts were found for these runs.</p>")
+    else:
+        out.append(f'<p class="small">The first 64 samples of each configuration\'s run with seed {r.grid_seed}: '
+                   "sample i starts from the same noise in every run with this seed, so grids compare cell by "
+                   "cell.</p>")
+        out.append('<div class="grids"><table><thead><tr><th>steps</th>'
+                   + "".join(f"<th>{e(c)}</th>" for c in r.grid_configs) + "</tr></thead><tbody>")
+        for steps in sorted(r.grids):
+            cells = []
+            for c in r.grid_configs:
+                hit = r.grids[steps].get(c)
+                cells.append("<td>-</td>" if hit is None else
+                             f'<td><img src="{data_uri(hit[0])}" alt="{e(hit[1])}" title="{e(hit[1])}"></td>')
+            out.append(f'<tr><td class="num">{steps}</td>{"".join(cells)}</tr>')
+        out.append("</tbody></table></div>")
+    out.append('<h2 id="papers">Papers and what is reproduced</h2>')
+    out.append('<table class="cards"><thead><tr><th>method</th><th>paper</th><th>paper\'s reference numbers</th>'
+               "<th>embedded claim (card)</th><th>checked here</th><th>measured</th><th>verdict</th></tr></thead><tbody>")
+    for c in r.cards:
+        checks = c["checks"] or [{"check": "no checkable claim", "measured": "", "verdict": "n/a"}]
+        for i, chk in enumerate(checks):
+            head = ""
+            if i == 0:
+                span = f' rowspan="{len(checks)}"' if len(checks) > 1 else ""
+                paper = e(c["citation"]) + (f'<br><span class="small">{e(c["url"])}</span>' if c["url"] else "")
+                head = (f"<td{span}>{e(c['method'])}</td><td{span}>{paper}</td><td{span}>{e(c['reference'])}</td>"
+                        f"<td{span}>{e(c['claim'])}</td>")
+            out.append(f"<tr>{head}<td>{e(chk['check'])}</td><td>{e(chk['measured'])}</td>"
+                       f"<td>{verdict_badge(chk['verdict'])}</td></tr>")
+    out.append("</tbody></table>")
+    out.append('<h2 id="environment">Environment</h2><table class="env"><tbody>')
+    out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in r.environment]
+    out.append("</tbody></table></body></html>")
+    return "\n".join(out) + "\n"
+
+
+def md_cell(text: Any) -> str:
+    """Markdown table text: HTML-escaped (renderers pass inline HTML through) and pipes escaped."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def render_md(r: Report, assets: Path, rel: str) -> str:
+    """Markdown with the images written to ASSETS (linked as REL/name.png)."""
+    assets.mkdir(parents=True, exist_ok=True)
+    out = [f"# {md_cell(r.title)}", "", md_cell(r.subtitle), ""]
+    for s in r.sections:
+        out += [f"## {s.title}", "", s.md, ""]
+    out += ["## Leaderboard", ""]
+    for (h, device, desc), rows in r.groups:
+        out += [f"### metric protocol `{h[:10]}` on {md_cell(device)} ({md_cell(desc)})", "",
+                "| " + " | ".join(r.headers) + " |", "|" + "---|" * len(r.headers)]
+        out += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
+        out.append("")
+    out += ["## Plots", ""]
+    for i, (caption, png) in enumerate(r.plots):
+        (assets / f"plot-{i}.png").write_bytes(png)
+        out += [f"![{md_cell(caption)}]({rel}/plot-{i}.png)", ""]
+    out += ["## Samples", ""]
+    if r.grids:
+        out += [f"First 64 samples of each configuration's run with seed {r.grid_seed} (same noise per cell).", "",
+                "| steps | " + " | ".join(md_cell(c) for c in r.grid_configs) + " |",
+                "|" + "---|" * (len(r.grid_configs) + 1)]
+        for steps in sorted(r.grids):
+            cells = []
+            for j, c in enumerate(r.grid_configs):
+                hit = r.grids[steps].get(c)
+                if hit is None:
+                    cells.append("-")
+                    continue
+                (assets / f"grid-{steps}-{j}.png").write_bytes(hit[0])
+                cells.append(f"![{md_cell(hit[1])}]({rel}/grid-{steps}-{j}.png)")
+            out.append(f"| {steps} | " + " | ".join(cells) + " |")
+        out.append("")
+    out += ["## Papers and what is reproduced", "",
+            "| method | paper | paper's reference numbers | checked here | measured | verdict |", "|---|---|---|---|---|---|"]
+    for c in r.cards:
+        for chk in c["checks"] or [{"check": "no checkable claim", "measured": "", "verdict": "n/a"}]:
+            out.append(f"| {md_cell(c['method'])} | {md_cell(c['citation'])} | {md_cell(c['reference'])} | "
+                       f"{md_cell(chk['check'])} | {md_cell(chk['measured'])} | {md_cell(chk['verdict'])} |")
+    out += ["", "## Environment", "", "| | |", "|---|---|"]
+    out += [f"| {md_cell(k)} | {md_cell(v)} |" for k, v in r.environment]
+    return "\n".join(out) + "\n"
+
+
+def write(report: Report, out: Path, fmt: str) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "md":
+        assets = out.with_name(out.stem + "_files")
+        out.write_text(render_md(report, assets, assets.name))
+    else:
+        out.write_text(render_html(report))
+    return out
