@@ -109,6 +109,27 @@ class EditItem:
     instruction: str = ""
 
 
+def check_finite(method: str, option: str, value: Any) -> None:
+    """Refuse nan and inf in a method option (a float, or floats in a list or mapping): one place for every adapter.
+
+    An infinite guidance scale samples black images and a nan scale samples unguided, both with a number that
+    looks like a result; neither is ever a setting.
+    """
+    import math
+
+    if isinstance(value, Mapping):
+        values = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        values = list(value)
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, (list, tuple, Mapping)):
+            check_finite(method, option, v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise BenchError(f"method {method!r}: --{option.replace('_', '-')} must be a finite number, got {v}")
+
+
 class Method(ABC):
     """A method adapter: one paper, one class. Options are the fields of ``Args``."""
 
@@ -133,10 +154,15 @@ class Method(ABC):
         if unknown:
             opts = ", ".join(f"--{n.replace('_', '-')}" for n in known) or "none"
             raise BenchError(f"method {cls.name!r} has no option {', '.join(unknown)} (its options: {opts})")
+        for key, value in values.items():  # before Args: nan and inf pass every comparison an Args might make
+            check_finite(cls.name, key, value)
         try:
-            return cls.Args(**values)
+            args = cls.Args(**values)
         except (TypeError, ValueError) as exc:
             raise BenchError(f"method {cls.name!r}: {exc}") from None
+        for f in dataclasses.fields(args):  # defaults and values Args derived
+            check_finite(cls.name, f.name, getattr(args, f.name))
+        return args
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         """Raise BenchError if this method cannot run on ``model`` with ``steps``."""

@@ -76,14 +76,18 @@ def resolve_device(name: str):
     return device
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, what: str = "output folder") -> None:
+    """Create ``folder`` if needed and write a probe file in it; one line (BenchError) if that fails."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"{what} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise BenchError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+        raise BenchError(f"{what} {folder} is not writable: {exc.strerror or exc}") from None
 
 
 def plan_run(spec: RunSpec) -> Plan:

@@ -73,8 +73,15 @@ def method_option_type(field: dataclasses.Field):
     if annotation.startswith("int"):
         return int
     if annotation.startswith("bool"):
-        return lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+        return boolean
     return str
+
+
+def boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}")
+    return value
 
 
 def value_list(convert):
@@ -150,4 +157,5 @@ def methods_named(argv: list[str], default: str) -> tuple[str, ...]:
             from bench.spec import load_spec_file
 
             value = load_spec_file(config).get("method")
+            value = value if isinstance(value, str) else None  # not a name: RunSpec refuses it in one line
     return tuple(m.strip() for m in (value or default).split(",") if m.strip())
