@@ -329,7 +329,7 @@ def samples_digest(samples: np.ndarray) -> str:
 def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
     import torch
 
-    from bench.evaluation import EvalContext
+    from bench.evaluation import EvalContext, metric_threads
 
     ctx = EvalContext(
         spec=plan.spec,
@@ -342,8 +342,9 @@ def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
         items=plan.items,
     )
     values: dict[str, float] = {}
-    for metric in plan.metrics.values():
-        values.update(metric.compute(ctx))
+    with metric_threads():  # the same values whatever the process's thread count (torchrun: one)
+        for metric in plan.metrics.values():
+            values.update(metric.compute(ctx))
     values["num_samples"] = float(len(samples))
     values["nfe"] = float(np.mean(timings.batch_calls))  # counted denoiser calls per sample, whatever the metrics
     return values

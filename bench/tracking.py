@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -75,6 +76,20 @@ def _quiet_store() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _sqlite_write_check(db: Path) -> None:
+    """A write transaction on the store's file, rolled back: raises if the file cannot be written (read-only file,
+    mount or header, a full disk), whoever runs it."""
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE diffbench_write_check (x)")
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
 class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = "diffbench"):
         # fail fast on an unreachable server instead of MLflow's minutes of retries
@@ -126,8 +141,11 @@ class Tracker:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise BenchError(f"MLflow tracking store {self.uri} is unreachable: {first}") from None
         try:
-            with _quiet_store():
-                self.client.set_experiment_tag(self._experiment_id, "diffbench.writable", "true")
+            if self.uri.startswith("sqlite:///"):
+                _sqlite_write_check(Path(self.uri[len("sqlite:///"):]))
+            else:  # a new value each time: a tag set to the value it has is no write at all
+                with _quiet_store():
+                    self.client.set_experiment_tag(self._experiment_id, "diffbench.write_check", uuid.uuid4().hex)
         except Exception as exc:
             self._experiment_id = None
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -81,12 +81,15 @@ def run(args) -> int:
     reference = DATASETS.get(spec.dataset)()
     ctx = EvalContext(spec, torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous(), reference,
                       torch.device(spec.device if spec.device == "cpu" or torch.cuda.is_available() else "cpu"))
+    from bench.evaluation import metric_threads
+
     values: dict[str, float] = {}
     for name in names:
         metric = METRICS.get(name)()
         if metric.protocol(spec, reference) != config["protocol"]["metrics"].get(name, metric.protocol(spec, reference)):
             raise BenchError(f"the {name} protocol changed since this run (extractor or reference set); refusing to compare")
-        values.update(metric.compute(ctx))
+        with metric_threads():
+            values.update(metric.compute(ctx))
     recorded = {}
     if (folder / "results.json").exists():
         recorded = json.loads((folder / "results.json").read_text()).get("values", {})

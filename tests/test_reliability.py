@@ -1,0 +1,143 @@
+"""Issue 21: the defects a hostile-input probe and a newcomer's run found, one test each (bad input: test_bad_input)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bench.cli.main import main
+from bench.errors import BenchError
+
+QUICK = ["--num-samples", "128", "--batch-size", "64", "--steps", "2", "--no-progress"]
+
+
+def float_options():
+    from bench.catalog import METHODS
+
+    for name in METHODS.names():
+        for f in dataclasses.fields(METHODS.get(name).Args):
+            if str(f.type).replace(" ", "").startswith("float"):
+                yield name, f.name
+
+
+FLOAT_OPTIONS = list(float_options())
+
+
+# 1. the metric phase does not depend on the thread count
+def test_metrics_of_the_same_samples_are_the_same_whatever_the_thread_count():
+    """The runner's metric phase (bench.runner.evaluate) on the same samples, called with 1, 2 and 3 threads."""
+    from types import SimpleNamespace
+
+    from bench.datasets import load_dataset
+    from bench.evaluation import SamplingTimings
+    from bench.runner import evaluate
+    from bench.spec import RunSpec
+    from metrics.fidelity import FID, KID
+
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (256, 16, 16, 3), dtype=np.uint8)
+    spec = RunSpec(num_samples=256, dataset="shapes16", device="cpu")
+    plan = SimpleNamespace(spec=spec, reference=load_dataset("shapes16"), prompts=None, targets=None, items=None,
+                           metrics={"fid": FID(), "kid": KID()})
+    values = []
+    before = torch.get_num_threads()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            values.append(evaluate(plan, samples, SamplingTimings(batch_calls=[2])))
+            assert torch.get_num_threads() == threads  # restored after the metric phase
+        finally:
+            torch.set_num_threads(before)
+    assert values[0] == values[1] == values[2]
+
+
+def test_feature_extraction_runs_with_a_fixed_thread_count(monkeypatch):
+    """Features are extracted under METRIC_THREADS threads whatever the caller set, and the caller's count is back."""
+    import torch_fidelity.utils
+
+    from bench.datasets import load_dataset
+    from bench.evaluation import METRIC_THREADS, EvalContext
+    from bench.spec import RunSpec
+
+    seen = []
+    real = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ctx = EvalContext(RunSpec(num_samples=8, dataset="shapes16", device="cpu"),
+                          torch.zeros(8, 3, 16, 16, dtype=torch.uint8), load_dataset("shapes16"), torch.device("cpu"))
+        ctx.sample_features("shapes-cnn16", "embedding")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [METRIC_THREADS]
+
+
+# 2. every float option of every adapter refuses nan and inf, in one place (Method.parse_args)
+def test_every_adapter_has_float_options_to_check():
+    assert len(FLOAT_OPTIONS) >= 20
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("method,option", FLOAT_OPTIONS, ids=[f"{m}.{o}" for m, o in FLOAT_OPTIONS])
+def test_non_finite_method_options_are_refused(method, option, value):
+    from bench.catalog import METHODS
+
+    with pytest.raises(BenchError, match="finite"):
+        METHODS.get(method).parse_args({option: value})
+
+
+# 3. a store the run cannot write to is refused before sampling, in one line
+def test_read_only_store_is_refused_before_sampling(tmp_path_factory, tiny_model_dir):
+    """A read-only mlflow.db (mode 0444), as a user who cannot write it: root runs the command as nobody."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.tracking import Tracker
+
+    root = Path(tempfile.mkdtemp(prefix="diffbench-readonly-"))  # outside pytest's root-only folder
+    try:
+        os.chmod(root, 0o777)
+        shutil.copytree(tiny_model_dir, root / "model")
+        uri = f"sqlite:///{root}/mlflow.db"
+        Tracker(uri, "diffbench").check()  # the store and its experiment exist
+        os.chmod(root / "mlflow.db", 0o444)
+        for p in root.rglob("*"):
+            if p.is_dir():
+                os.chmod(p, 0o777)
+        drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
+        env = {**os.environ, "DIFFBENCH_CACHE": str(root / "cache"), "HOME": str(root),
+               "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run([*drop, sys.executable, "-m", "bench", "run", "--model", str(root / "model"),
+                               "--tracking-uri", uri, "--output", str(root / "out"), *QUICK],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "mlflow.db" in lines[0] and "read-only" in lines[0], done.stderr[-3000:]
+        assert not (root / "out").exists()  # nothing sampled, no pending record
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# 10. `bench sweep --help` says 95%, not 95%%
+def test_sweep_help_shows_a_single_percent_sign(capsys):
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    assert "95%" in out and "%%" not in out
