@@ -90,6 +90,38 @@ def check_writable(folder: Path, what: str = "output folder") -> None:
         raise BenchError(f"{what} {folder} is not writable: {exc.strerror or exc}") from None
 
 
+LOCK_FILE = ".lock"  # in the output folder: held (flock, exclusive) by the run writing there
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` for the block: a second run into the same folder refuses in one line.
+
+    The lock is ``flock`` on ``folder/.lock`` (the file says who holds it); the kernel drops it when the process
+    ends however it ends, so a killed run never leaves the folder locked.
+    """
+    import fcntl
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise BenchError(f"output folder {folder} is in use by another run ({holder}); wait for it to end or "
+                             f"pass another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
 def plan_run(spec: RunSpec) -> Plan:
     """Resolve names, load the model, validate the combination. Raises BenchError on bad input."""
     import torch
@@ -428,13 +460,19 @@ def execute(plan: Plan, tracker, progress: bool = True, extra_tags: dict[str, st
     If the tracking store stops answering mid-run, the results stay in the output folder
     with the run's record (PENDING_RECORD) for `bench sync`; the run still succeeds.
     """
+    shards = shards or Shards()
+    with output_lock(plan.output) if shards.lead else contextlib.nullcontext():  # rank 0 holds it for all
+        return _execute(plan, tracker, progress, extra_tags, resume, shards)
+
+
+def _execute(plan: Plan, tracker, progress: bool, extra_tags: dict[str, str] | None, resume: bool,
+             shards: Shards) -> RunResult | None:
     import shutil
     import sys
     from contextlib import nullcontext
 
     from bench.shards import ShardStore
 
-    shards = shards or Shards()
     out = plan.output
     state = _run_state(plan, resume)
     store = ShardStore(out, plan.protocol_hash)

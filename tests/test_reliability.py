@@ -135,6 +135,29 @@ def test_read_only_store_is_refused_before_sampling(tmp_path_factory, tiny_model
         shutil.rmtree(root, ignore_errors=True)
 
 
+# 5. one run at a time in an output folder
+def test_second_run_into_a_folder_in_use_refuses_in_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Another run holds the folder's lock (as a running `bench run` does): this one refuses and writes nothing."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        held.write("pid 12345 on elsewhere\n")
+        held.flush()
+        rc = main(["run", "--model", str(tiny_model_dir), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                   "--output", str(out), *QUICK])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "in use by another run (pid 12345 on elsewhere)" in lines[0], err[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # no config, no run state, no shards
+    # the lock is released with its holder: the same command now runs
+    assert main(["run", "--model", str(tiny_model_dir), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--output", str(out), *QUICK]) == 0
+    assert (out / "results.json").exists()
+
+
 # 10. `bench sweep --help` says 95%, not 95%%
 def test_sweep_help_shows_a_single_percent_sign(capsys):
     with pytest.raises(SystemExit):
