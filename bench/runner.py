@@ -122,6 +122,43 @@ def output_lock(folder: Path):
         f.close()  # releases the lock
 
 
+SHARD_OVERHEAD_BYTES = 4096  # a shard's .npy header and its sidecar, per batch (a generous bound)
+
+
+def estimated_bytes(num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> int:
+    """Disk the run's shards take: uint8 samples plus each shard's header and sidecar."""
+    c, h, w = sample_shape
+    return num_samples * c * h * w + -(-num_samples // batch_size) * SHARD_OVERHEAD_BYTES
+
+
+def check_disk(output: Path, num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> None:
+    """Refuse before the run starts if its shards cannot fit on the output folder's disk (a typo in
+    --num-samples costs seconds, not hours and a full disk)."""
+    import shutil
+
+    need = estimated_bytes(num_samples, sample_shape, batch_size)
+    free = shutil.disk_usage(output).free
+    if need > free:
+        c, h, w = sample_shape
+        raise BenchError(f"{num_samples:,} samples of {c}x{h}x{w} need {need / 2**30:.1f} GiB in {output}, and its "
+                         f"disk has {free / 2**30:.1f} GiB free; lower --num-samples or pass another --output")
+
+
+def warn_if_long(spec: RunSpec, first_batch_seconds: float, batches: int, processes: int = 1) -> float:
+    """After the first batch: the run's estimated sampling time; one warning line when it is over a day."""
+    import sys
+
+    estimate = first_batch_seconds * batches / max(processes, 1)
+    if estimate > LONG_RUN_SECONDS:
+        print(f"bench: warning: from its first batch this run needs about {estimate / 3600:.0f} h of sampling "
+              f"({batches:,} batches of {spec.batch_size}); Ctrl-C now and lower --num-samples if that is a typo "
+              f"(the shards made so far are kept for --resume)", file=sys.stderr, flush=True)
+    return estimate
+
+
+LONG_RUN_SECONDS = 24 * 3600
+
+
 def plan_run(spec: RunSpec) -> Plan:
     """Resolve names, load the model, validate the combination. Raises BenchError on bad input."""
     import torch
@@ -204,6 +241,7 @@ def plan_run(spec: RunSpec) -> Plan:
     protocol_hash = stable_hash(protocol)
     output = Path(spec.output) if spec.output else Path("bench-runs") / f"{spec.method}-{protocol_hash[:12]}"
     check_writable(output)
+    check_disk(output, spec.num_samples, model.sample_shape, spec.batch_size)
     return Plan(spec, method, model, reference, metrics, output, protocol, protocol_hash, stable_hash(eval_protocol),
                 prompts, targets, items)
 
@@ -292,7 +330,7 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
         torch.cuda.reset_peak_memory_stats(device)
     store = ShardStore(plan.output, plan.protocol_hash)
     denoiser = CountingDenoiser(plan.model.unet, device)
-    made: dict[int, tuple[np.ndarray, ShardRecord]] = {}
+    made: dict[int, tuple[None, ShardRecord]] = {}
     total = sum(len(range(*batch_range(spec, k))) for k in batches)
     bar = tqdm(total=total, unit="img", desc=f"{spec.method} {spec.steps} steps", disable=not progress)
     for n, k in enumerate(batches):
@@ -312,8 +350,10 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
                              calls=denoiser.calls, warmup=n < spec.warmup_batches,
                              peak_memory_bytes=peak_memory(device)[0], rank=rank)
         store.write(batch, record)
-        made[k] = batch, record
+        made[k] = None, record  # the samples live in their shard only: memory does not grow with the run
         bar.update(len(seeds))
+        if n == 0 and len(batches) > 1:
+            warn_if_long(spec, seconds, len(batches))
         if on_batch:
             on_batch(k)
     bar.close()
@@ -321,8 +361,9 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
 
 
 def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
-    """All samples in index order (uint8 [N, H, W, C]) and their SamplingTimings, from the batches this process
-    made (``made``, kept in memory) and the complete shards on disk. BenchError if a shard is missing or damaged."""
+    """All samples in index order (uint8 [N, H, W, C]) and their SamplingTimings, read from the complete shards on
+    disk (``made``: the records of this process's batches; kept for callers). BenchError if a shard is missing or
+    damaged."""
     import torch
 
     from bench.evaluation import SamplingTimings
@@ -335,7 +376,7 @@ def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
     parts = []
     for k in range(num_batches(spec)):
         indices = batch_range(spec, k)
-        loaded = made.get(k) or store.load(k, indices, (h, w, c))
+        loaded = store.load(k, indices, (h, w, c))  # from disk: no process keeps its batches in memory
         if loaded is None:
             raise BenchError(f"sample shard {k} in {store.dir} is missing or damaged; run the command again with --resume")
         array, record = loaded
@@ -441,6 +482,8 @@ def run_tags(plan: Plan, samples_sha: str | None = None) -> dict[str, str]:
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
         "torch_threads": str(torch.get_num_threads()),
+        "diffbench_pid": str(os.getpid()),  # `bench runs --repair` ends a RUNNING run whose process is gone
+        "diffbench_host": platform.node(),
     }
     if samples_sha:
         tags["samples_sha256"] = samples_sha

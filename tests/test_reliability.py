@@ -135,6 +135,73 @@ def test_read_only_store_is_refused_before_sampling(tmp_path_factory, tiny_model
         shutil.rmtree(root, ignore_errors=True)
 
 
+# 4. samples stream to their shards; a run too big for the disk says so before it starts; dead runs are repaired
+def test_generated_batches_are_not_kept_in_memory(tmp_path, tiny_model_dir):
+    from bench.runner import collect, generate_shards, plan_run
+    from bench.spec import RunSpec
+
+    plan = plan_run(RunSpec(model=str(tiny_model_dir), num_samples=128, batch_size=64, steps=2, device="cpu",
+                            output=str(tmp_path / "out")))
+    made = generate_shards(plan, [0, 1], progress=False)
+    assert sorted(made) == [0, 1] and all(array is None for array, _ in made.values())  # records only
+    samples, timings = collect(plan, made)  # read back from the shards
+    assert samples.shape == (128, 16, 16, 3) and len(timings.batch_seconds) == 2
+
+
+def test_run_too_big_for_the_disk_is_refused_before_it_starts(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1 << 30))  # 1 GiB free
+    rc = main(["run", "--model", str(tiny_model_dir), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+               "--output", "out", "--num-samples", "10000000", "--batch-size", "64", "--steps", "2",
+               "--metrics", "latency", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "10,000,000 samples of 3x16x16 need 7.7 GiB" in lines[0], err[-3000:]
+    assert not (tmp_path / "out" / "samples").exists()
+
+
+def test_long_run_warns_after_its_first_batch(capsys):
+    from bench.runner import warn_if_long
+    from bench.spec import RunSpec
+
+    spec = RunSpec(num_samples=10_000_000, batch_size=64)
+    warn_if_long(spec, first_batch_seconds=2.0, batches=156_250)
+    assert "about 87 h of sampling" in capsys.readouterr().err
+    warn_if_long(spec, first_batch_seconds=2.0, batches=10)
+    assert capsys.readouterr().err == ""
+
+
+def test_runs_repair_ends_runs_whose_process_is_gone(tmp_path, capsys):
+    import platform
+    import subprocess
+
+    from bench.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "diffbench")
+    tracker.check()
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now: the run it "held" was SIGKILLed
+    host = platform.node()
+    dead = tracker.client.create_run(tracker._experiment_id, run_name="dead",
+                                     tags={"diffbench_pid": str(gone.pid), "diffbench_host": host}).info.run_id
+    live = tracker.client.create_run(tracker._experiment_id, run_name="live",
+                                     tags={"diffbench_pid": str(os.getpid()), "diffbench_host": host}).info.run_id
+    other = tracker.client.create_run(tracker._experiment_id, run_name="other",
+                                      tags={"diffbench_pid": "1", "diffbench_host": "elsewhere"}).info.run_id
+    assert main(["runs", "--tracking-uri", uri]) == 0  # lists, touches nothing
+    out = capsys.readouterr().out
+    assert "dead" in out and tracker.client.get_run(dead).info.status == "RUNNING"
+    assert main(["runs", "--repair", "--tracking-uri", uri]) == 0
+    status = {r: tracker.client.get_run(r).info.status for r in (dead, live, other)}
+    assert status == {dead: "KILLED", live: "RUNNING", other: "RUNNING"}
+    assert tracker.client.get_run(dead).data.tags["diffbench_repaired"]
+
+
 # 5. one run at a time in an output folder
 def test_second_run_into_a_folder_in_use_refuses_in_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch):
     """Another run holds the folder's lock (as a running `bench run` does): this one refuses and writes nothing."""
