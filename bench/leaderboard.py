@@ -240,14 +240,7 @@ def fmt_ci(mean: float, half: float, digits: int = 3, scale: float = 1.0) -> str
     return f"{mean * scale:.{digits}f} +- {half * scale:.{digits}f}"
 
 
-def fmt_metric(metric: str, mean: float, half: float | None = None) -> str:
-    """``mean +- half`` in the metric's declared format and scale (``mean`` alone without an interval)."""
-    out = outputs.lookup(metric)
-    if out is None:
-        return fmt_ci(mean, float("nan") if half is None else half)
-    if half is None or (isinstance(half, float) and math.isnan(half)) or out.format(mean) == "-":
-        return out.format(mean)
-    return f"{out.format(mean)} +- {out.format(half)}"
+fmt_metric = outputs.format_ci  # mean +- half in the metric's declared format
 
 
 def display_rows(board, metric: str) -> tuple[list[str], list[tuple[tuple[str, str, str], list[list[str]]]]]:

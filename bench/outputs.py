@@ -123,9 +123,12 @@ def family(key: str) -> str | None:
     return out.family if out is not None else None
 
 
-def format_value(key: str, value: float) -> str:
-    out = lookup(key)
-    return out.format(value) if out is not None else ("-" if value != value else f"{value:.3f}")
+def format_ci(key: str, mean: float, half: float | None = None) -> str:
+    """``mean +- half`` in the key's declared format and scale (``mean`` alone without an interval)."""
+    out = lookup(key) or Output(key, key)
+    if half is None or (isinstance(half, float) and math.isnan(half)) or out.format(mean) == "-":
+        return out.format(mean)
+    return f"{out.format(mean)} +- {out.format(half)}"
 
 
 def tolerance(key: str) -> float | None:
