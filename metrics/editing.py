@@ -61,19 +61,21 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) per image with torchmetrics' defaults (data range 1)."""
-    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
-    coords = torch.arange(SSIM_WINDOW, dtype=torch.float64) - (SSIM_WINDOW - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
-    g = (g / g.sum()).to(a.dtype)
-    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, SSIM_WINDOW, SSIM_WINDOW)
+    """SSIM (Wang et al. 2004) per image by torchmetrics (data range 1, 11x11 Gaussian window, sigma 1.5), PIE-Bench's.
+
+    PIE-Bench used a torchmetrics (before 1.5) that cropped the reflection padding's border off the SSIM map before
+    averaging; torchmetrics 1.5 (Lightning-AI/torchmetrics#2721) averages the whole map. The protocol is PIE-Bench's:
+    torchmetrics' full map, its border (``(window - 1) / 2`` pixels) cropped, averaged per image. In float64:
+    torchmetrics clamps negative variances to 0, and float32 round-off in flat regions (the embedded world's
+    backgrounds, the masked-out region) would otherwise move SSIM by ~1e-4.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _, full = structural_similarity_index_measure(
+        a.double(), b.double(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW, data_range=1.0,
+        k1=SSIM_K[0], k2=SSIM_K[1], reduction="none", return_full_image=True)
     pad = (SSIM_WINDOW - 1) // 2
-    a_, b_ = (F.pad(x, (pad,) * 4, mode="reflect") for x in (a, b))
-    stack = torch.cat([a_, b_, a_ * a_, b_ * b_, a_ * b_])
-    mu_a, mu_b, aa, bb, ab = F.conv2d(stack, kernel, groups=a.shape[1]).chunk(5)
-    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+    return full[..., pad:-pad, pad:-pad].flatten(1).mean(1).to(a.dtype)
 
 
 def lpips_from_features(fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor]) -> torch.Tensor:
