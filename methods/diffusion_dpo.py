@@ -7,7 +7,9 @@ draw and one timestep shared by the two images of a pair,
     L(theta) = -E log sigmoid( -beta/2 ( ||eps - eps_theta(x^w_t, t)||^2 - ||eps - eps_ref(x^w_t, t)||^2
                                          - ( ||eps - eps_theta(x^l_t, t)||^2 - ||eps - eps_ref(x^l_t, t)||^2 ) ) )
 
-as the authors' training script writes it (the squared errors averaged over latent dimensions, the
+as the authors' training script writes it (its target is the noise for an epsilon model and
+``noise_scheduler.get_velocity`` for a v-prediction one: here ``prediction_errors`` takes the
+target from the model's scheduler ``prediction_type``, ``bench.finetune.prediction_target``) (the squared errors averaged over latent dimensions, the
 constant T omega(lambda_t) folded into beta, hence -beta/2). The reference model is the UNet before
 training, frozen. Pairs: on the embedded world, the simulated human's labels of the committed
 feedback set (every approved image against every rejected image of the same prompt: human
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.errors import BenchError
-from bench.finetune import encode_prompts, sample_latents, training_scheduler
+from bench.finetune import encode_prompts, prediction_target, sample_latents, training_scheduler
 from bench.interfaces import MethodCard
 from methods.alignment import AlignmentArgs, AlignmentMethod, _check, decode_uint8, image_posterior
 
@@ -40,6 +42,15 @@ class DiffusionDPOArgs(AlignmentArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check("beta", self.beta, integer=False)
+
+
+def prediction_errors(unet, scheduler, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                      context: torch.Tensor) -> torch.Tensor:
+    """Per sample, ||target - prediction(x_t, t)||^2 averaged over latent dimensions, x_t = add_noise(latents, noise, t);
+    the target is the one of the scheduler's ``prediction_type`` (noise, velocity or clean latents)."""
+    target = prediction_target(scheduler, latents, noise, t)
+    prediction = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
 
 class DiffusionDPO(AlignmentMethod):
@@ -102,12 +113,9 @@ class DiffusionDPO(AlignmentMethod):
             context = torch.stack([hidden[feedback.texts[i]] for i in torch.cat([w, l]).tolist()])
             noise = torch.randn(latents[:b].shape, generator=gen).repeat(2, 1, 1, 1)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=gen).repeat(2)
-            noisy = scheduler.add_noise(latents, noise, t)
-            model_err = F.mse_loss(model.unet(noisy, t, encoder_hidden_states=context).sample, noise,
-                                   reduction="none").mean(dim=(1, 2, 3))
+            model_err = prediction_errors(model.unet, scheduler, latents, noise, t, context)
             with torch.no_grad():
-                ref_err = F.mse_loss(reference(noisy, t, encoder_hidden_states=context).sample, noise,
-                                     reduction="none").mean(dim=(1, 2, 3))
+                ref_err = prediction_errors(reference, scheduler, latents, noise, t, context)
             model_w, model_l = model_err.chunk(2)
             ref_w, ref_l = ref_err.chunk(2)
             inside = -0.5 * args.beta * ((model_w - model_l) - (ref_w - ref_l))

@@ -199,6 +199,48 @@ def test_diffusion_dpo_starts_at_log_2(tiny_dir, tmp_path):
     assert m.log["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
 
 
+class _Oracle(torch.nn.Module):
+    """A "UNet" that predicts a fixed tensor (whatever ``answer`` holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.answer = None
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=self.answer)
+
+
+def test_diffusion_dpo_target_follows_the_models_prediction_type():
+    """A v-prediction model is scored against the velocity alpha_t eps - sigma_t x_0, not the noise; an unknown type
+    raises instead of training on a wrong target."""
+    from diffusers import DDPMScheduler
+
+    from bench.embedded.t2i import SD15_SCHEDULER_CONFIG
+    from methods.diffusion_dpo import prediction_errors
+
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t, context, unet = torch.tensor([10, 500, 900]), torch.zeros(3, 77, 16), _Oracle()
+    v = DDPMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    abar = v.alphas_cumprod[t].view(-1, 1, 1, 1)
+    velocity = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    unet.answer = velocity
+    assert torch.allclose(prediction_errors(unet, v, latents, noise, t, context), torch.zeros(3), atol=1e-10)
+    unet.answer = noise
+    assert (prediction_errors(unet, v, latents, noise, t, context) > 1e-3).all()  # the noise is the wrong answer here
+    eps = DDPMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": "epsilon"})
+    assert torch.allclose(prediction_errors(unet, eps, latents, noise, t, context), torch.zeros(3))
+    sample = DDPMScheduler.from_config({**SD15_SCHEDULER_CONFIG, "prediction_type": "sample"})
+    unet.answer = latents
+    assert torch.allclose(prediction_errors(unet, sample, latents, noise, t, context), torch.zeros(3))
+    bad = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    bad.register_to_config(prediction_type="flow")
+    with pytest.raises(ValueError, match="unknown prediction_type 'flow'"):
+        prediction_errors(unet, bad, latents, noise, t, context)
+
+
 @pytest.mark.parametrize("args, message", [
     (dict(reward="aesthetic"), "--reward must be"),
     (dict(train_steps=-1), "--train-steps"),
