@@ -16,7 +16,8 @@ from tests.tiny_t2i import save_tiny_t2i
 METHOD_NAMES = ("reward-weighted", "ddpo", "diffusion-dpo")
 TINY = {  # contract-test settings on the tiny random model (a CLIP reward: the tiny model is not the embedded one)
     "reward-weighted": dict(train_steps=2, train_batch_size=4, feedback_prompts=3, images_per_prompt=2, pretrain_images=8),
-    "ddpo": dict(train_steps=2, train_batch_size=2, prompts_per_epoch=2, images_per_prompt=2, sample_steps=2),
+    "ddpo": dict(train_steps=2, train_batch_size=2, prompts_per_epoch=2, images_per_prompt=2, sample_steps=2,
+                 inner_epochs=1),
     "diffusion-dpo": dict(train_steps=2, train_batch_size=2, feedback_prompts=3, images_per_prompt=2),
 }
 
@@ -137,14 +138,24 @@ def test_ddim_step_with_logprob_is_the_schedulers_step_and_a_gaussian_density():
         ddim_step_with_logprob(scheduler, eps, t, x, 0.0, noise=noise)
 
 
-def test_group_advantages_normalize_within_each_prompt():
-    from methods.ddpo import group_advantages
+def test_per_prompt_stat_tracker_is_ddpo_pytorchs():
+    """ddpo-pytorch's PerPromptStatTracker: a prompt's own mean and std once its buffer holds min_count rewards, else
+    the batch's mean and std; the buffer keeps the last buffer_size rewards across epochs."""
+    from methods.ddpo import PerPromptStatTracker
 
-    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.9])
-    adv = group_advantages(rewards, torch.tensor([0, 0, 1, 1, 2, 2]), clip=5.0)
-    assert adv[0] < 0 < adv[1] and adv[4] < 0 < adv[5]
-    assert torch.allclose(adv[2:4], torch.zeros(2))  # equal rewards: no preference
-    assert group_advantages(torch.tensor([0.0, 100.0]), torch.tensor([0, 0]), clip=0.5).abs().max() <= 0.5
+    prompts = ["a", "a", "b", "b", "c"]
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2], dtype=torch.float64)
+    adv = PerPromptStatTracker(buffer_size=4, min_count=2).update(prompts, rewards)
+    assert torch.allclose(adv[:2], torch.tensor([-1.0, 1.0], dtype=torch.float64), atol=1e-5)  # (r - 0.5) / 0.5
+    assert torch.allclose(adv[2:4], torch.zeros(2, dtype=torch.float64))  # equal rewards: no preference
+    r = rewards.numpy()
+    assert float(adv[4]) == pytest.approx((0.2 - r.mean()) / (r.std() + 1e-6))  # one reward: the batch's statistics
+    tracker = PerPromptStatTracker(buffer_size=3, min_count=3)
+    tracker.update(["a", "a"], torch.tensor([0.0, 1.0]))
+    second = tracker.update(["a"], torch.tensor([2.0]))  # the buffer now holds 0, 1, 2
+    assert float(second[0]) == pytest.approx((2.0 - 1.0) / (np.std([0.0, 1.0, 2.0]) + 1e-6), rel=1e-5)
+    tracker.update(["a"], torch.tensor([5.0]))
+    assert list(tracker.stats["a"]) == [1.0, 2.0, 5.0]
 
 
 # -- the adapters: contracts on the tiny model ----------------------------------------------------------------------------
@@ -259,6 +270,36 @@ def test_ddpo_batch_must_divide_the_epoch():
 
     with pytest.raises(BenchError, match="must divide"):
         METHODS.get("ddpo").parse_args(dict(prompts_per_epoch=3, images_per_prompt=3, train_batch_size=2))
+
+
+def test_ddpo_is_reuses_each_sampled_batch_so_ratios_leave_1_and_the_clip_binds(tiny_dir, tmp_path):
+    """DDPO-IS (Black et al. 2024, Sec. 4.3): two minibatches x two inner epochs = four updates per sampled batch. The
+    first update of a batch is scored by the policy that drew it (ratio 1 up to rounding, nothing clipped); later ones
+    by a moved policy: ratios away from 1, a clipped fraction above 0 and a positive approximate KL. DDPO-SF's ratio
+    is exactly 1 at every update."""
+    options = dict(reward="clip:shapes-clip", prompts_per_epoch=2, images_per_prompt=2, sample_steps=2,
+                   train_batch_size=2, inner_epochs=2)
+    m = method("ddpo", train_steps=4, **options)
+    values = m.prepare(tiny_model(tiny_dir), RunSpec(seed=0), tmp_path / "is")
+    ratio, clipped, kl = (np.array(m.log[k]) for k in ("ratio_mean", "clipped_fraction", "approx_kl"))
+    print(f"\nDDPO-IS per update: ratio {ratio.round(6).tolist()}, clipped {clipped.round(3).tolist()}, "
+          f"approx KL {kl.tolist()}")
+    assert len(ratio) == 4 and len(m.log["reward"]) == 1  # 4 updates on one sampled batch
+    assert abs(ratio[0] - 1) < 1e-4 and clipped[0] == 0.0
+    assert (ratio[1:] != 1.0).all() and (clipped[1:] > 0).all() and (kl[1:] > 0).all()
+    assert values["train_clipped_fraction"] > 0 and values["train_approx_kl"] > 0
+    sf = method("ddpo", estimator="sf", train_steps=2, **options)
+    sf.prepare(tiny_model(tiny_dir), RunSpec(seed=0), tmp_path / "sf")
+    print(f"DDPO-SF per update: ratio {sf.log['ratio_mean']}, clipped {sf.log['clipped_fraction']}")
+    assert len(sf.log["reward"]) == 2  # one update per sampled batch
+    assert sf.log["ratio_mean"] == [1.0, 1.0] and sf.log["clipped_fraction"] == [0.0, 0.0]
+
+
+def test_ddpo_estimator_is_is_or_sf():
+    from bench.catalog import METHODS
+
+    with pytest.raises(BenchError, match="--estimator must be is or sf"):
+        METHODS.get("ddpo").parse_args(dict(estimator="ppo"))
 
 
 def test_the_embedded_reward_needs_the_embedded_model(tiny_dir):
