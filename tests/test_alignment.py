@@ -295,6 +295,24 @@ def test_ddpo_is_reuses_each_sampled_batch_so_ratios_leave_1_and_the_clip_binds(
     assert sf.log["ratio_mean"] == [1.0, 1.0] and sf.log["clipped_fraction"] == [0.0, 0.0]
 
 
+def test_reward_weighted_ablations_change_only_the_weighting(tiny_dir, tmp_path):
+    """--weighting reward (eq. 3), uniform (the mean reward on every model image) and none (the pre-training term
+    alone) train different weights from the same draws; the loss of none is the pre-training term's alone."""
+    digests = {}
+    for weighting in ("reward", "uniform", "none"):
+        model = tiny_model(tiny_dir)
+        m = method("reward-weighted", reward="clip:shapes-clip", weighting=weighting, **TINY["reward-weighted"])
+        m.prepare(model, RunSpec(seed=0), tmp_path / weighting)
+        digests[weighting] = weights_digest(model.unet)
+    assert len(set(digests.values())) == 3
+    from bench.catalog import METHODS
+
+    with pytest.raises(BenchError, match="--weighting must be reward, uniform or none"):
+        METHODS.get("reward-weighted").parse_args(dict(weighting="rank"))
+    with pytest.raises(BenchError, match="--pretrain-weight must be > 0"):
+        METHODS.get("reward-weighted").parse_args(dict(weighting="none", pretrain_weight=0))
+
+
 def test_ddpo_estimator_is_is_or_sf():
     from bench.catalog import METHODS
 
