@@ -56,8 +56,9 @@ import numpy as np
 import torch
 
 from bench.alignment import ddim_scheduler, ddim_step_with_logprob, guided_eps, sample_with_logprob
+from bench.claim import Claim
 from bench.interfaces import MethodCard
-from methods.alignment import AlignmentArgs, AlignmentMethod, _check, decode_uint8
+from methods.alignment import BASE, AlignmentArgs, AlignmentMethod, _check, decode_uint8, heldout
 
 
 ESTIMATORS = ("is", "sf")
@@ -145,10 +146,24 @@ class DDPO(AlignmentMethod):
         "clip:... for a CLIP reward).",
         reference="SD v1.4 with LoRA: prompt-image alignment reward (LLaVA + BERTScore) and aesthetic score rise "
         "steadily over training, and the gains generalize to unseen animals and activities (Sec. 6; verify).",
-        embedded_claim="Declared in DDPO.claims and measured by `bench claims --method ddpo`: fine-tuning on the "
-        "learned reward raises the held-out feedback accuracy above the base model's.",
+        embedded_claim="Fine-tuning raises the learned reward on held-out prompts above the base model's without "
+        "lowering the simulated human's approval. Decided by `bench claims --method ddpo` (the verdicts and "
+        "values: its latest MLflow claims run, `bench report`).",
     )
     Args: ClassVar[type] = DDPOArgs
+    claims = (
+        Claim("reward-rises", "policy-gradient fine-tuning raises the reward it optimizes, on prompts it did not "
+              "train on", "Black et al. 2024, Sec. 6.1-6.3 and Figure 5 (rewards rise over training, gains "
+              "generalize to unseen prompts; verify)", "reward",
+              (("ddpo-is", heldout("ddpo", {"train_steps": 8})), BASE), "greater",
+              note="the reward is the embedded world's learned reward model (bench/embedded/feedback.py); --quick "
+              "trains 8 updates on two sampled batches"),
+        Claim("human-approval-not-below-base", "optimizing the learned reward does not lower what the labeler "
+              "approves (no reward over-optimization at this budget)", "Black et al. 2024, Sec. 6.4 discusses "
+              "over-optimization (verify)", "human_approval",
+              (("ddpo-is", heldout("ddpo", {"train_steps": 8})), BASE), "at-least", margin=0.02,
+              note="the simulated human (bench/embedded/feedback.py judge) labeled the data the reward was trained on"),
+    )
 
     def train(self, model, params, gen, spec) -> int:
         from bench.denoiser import sample_seed

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.claim import Claim
 from bench.errors import BenchError
 from bench.finetune import encode_prompts, prediction_target, sample_latents, training_scheduler
 from bench.interfaces import MethodCard
-from methods.alignment import AlignmentArgs, AlignmentMethod, _check, decode_uint8, image_posterior
+from methods.alignment import BASE, AlignmentArgs, AlignmentMethod, _check, decode_uint8, heldout, image_posterior
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,19 @@ class DiffusionDPO(AlignmentMethod):
         "human's labels (or ranked by a reward: the AI-feedback variant).",
         reference="SDXL fine-tuned on Pick-a-Pic v2 (851k pairs) is preferred over SDXL-base by human raters for "
         "visual appeal and prompt alignment, about 70% win rate on PartiPrompts (Sec. 6; verify).",
-        embedded_claim="Holds, weakly: on 500 held-out samples the feature network's accuracy on the feedback's "
-        "attributes rises from 0.740 to 0.768 (23 gained, 9 lost; McNemar z 2.5; attr_acc_all unchanged at 0.582), the "
-        "simulated human's approval from 0.654 to 0.676 and the learned reward from 0.552 to 0.560, with FID 2.98 -> "
-        "2.58; 113 s of training on 423 preference pairs (tests/test_alignment.py, slow; bench sweep --suite "
-        "suites/alignment.yaml).",
+        embedded_claim="Human raters (on the embedded world the simulated human whose labels made the pairs) "
+        "approve the fine-tuned model's images more often than the base model's. Decided by `bench claims --method "
+        "diffusion-dpo` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args: ClassVar[type] = DiffusionDPOArgs
+    claims = (
+        Claim("human-approval-above-base", "DPO on human preference pairs makes images human raters prefer over "
+              "the base model's", "Wallace et al. 2024, Sec. 6 (SDXL-DPO preferred to SDXL about 70% of the time "
+              "on PartiPrompts; verify)", "human_approval",
+              (("diffusion-dpo", heldout("diffusion-dpo", {"train_steps": 40})), BASE), "greater",
+              note="a preference rate of raters is, on the embedded world, the simulated human's approval rate of "
+              "each model's images, compared between the models"),
+    )
     uses_reward_model = False
 
     def preference_pairs(self, model, feedback) -> torch.Tensor:
