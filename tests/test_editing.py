@@ -276,7 +276,8 @@ def test_bad_options_are_one_line():
     from bench.catalog import METHODS
 
     for name, args, match in [("p2p", {"inversion": "edict"}, "--inversion"), ("sdedit", {"strength": 1.5}, "--strength"),
-                              ("diffedit", {"mask_noises": 0}, "--mask-noises"), ("null-text-inversion", {"null_lr": -1}, "--null-lr"),
+                              ("diffedit", {"mask_noises": 0}, "--mask-noises"), ("diffedit", {"encoding": "target"}, "--encoding"),
+                              ("null-text-inversion", {"null_lr": -1}, "--null-lr"),
                               ("ddim-inversion", {"inversion": "ddim"}, "no option inversion")]:
         with pytest.raises(BenchError, match=match) as info:
             METHODS.get(name).parse_args(args)
