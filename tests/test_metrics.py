@@ -144,3 +144,13 @@ def test_latency_values_are_all_declared():
     ctx = EvalContext(spec=RunSpec(warmup_batches=0), samples=torch.zeros(8, 3, 16, 16, dtype=torch.uint8),
                       reference=Shapes16(), device=torch.device("cpu"), timings=timings)
     assert undeclared(Latency().compute(ctx), Latency.outputs) == []
+
+
+def test_every_declared_claim_names_a_declared_output():
+    """A claim's metric is a key some metric (or the run) declares: its direction and format come from there."""
+    from bench.catalog import METHODS
+    from bench.outputs import lookup
+
+    for name in METHODS.names():
+        for claim in getattr(METHODS.get(name), "claims", ()):
+            assert lookup(claim.metric) is not None, (name, claim.id, claim.metric)
