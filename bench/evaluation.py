@@ -12,7 +12,7 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -63,6 +63,34 @@ class SamplingTimings:
     memory_source: str = ""
 
 
+class SampleSource(Protocol):
+    """A run's samples, read a chunk at a time: ``len`` and ``chunks(size)`` yielding (first index, uint8
+    [B, 3, H, W]) in index order, every chunk ``size`` samples but the last."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]: ...
+
+    def take(self, indices: list[int]) -> torch.Tensor: ...
+
+
+class TensorSamples:
+    """Samples already in memory (a caller's tensor): the chunks are slices of it."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def chunks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        for a in range(0, len(self.images), size):
+            yield a, self.images[a : a + size]
+
+    def take(self, indices: list[int]) -> torch.Tensor:
+        return self.images[list(indices)]
+
+
 class UInt8Images(torch.utils.data.Dataset):
     """A uint8 [N, 3, H, W] tensor as the Dataset torch-fidelity's feature stage takes."""
 
@@ -78,8 +106,12 @@ class UInt8Images(torch.utils.data.Dataset):
 
 @dataclass
 class EvalContext:
+    """What a metric sees. The samples are read chunk by chunk (``iter_samples``, ``map_samples``): a run's come
+    from its shards on disk, so the metric phase holds one chunk of images at a time, never the whole run;
+    metrics keep per-sample values and features, not images."""
+
     spec: RunSpec
-    samples: torch.Tensor  # uint8 [N, 3, H, W]
+    samples: torch.Tensor | SampleSource  # uint8 [N, 3, H, W], or a source that reads them a chunk at a time
     reference: ReferenceSet
     device: torch.device
     timings: SamplingTimings = field(default_factory=SamplingTimings)
@@ -88,6 +120,37 @@ class EvalContext:
     items: list[Any] | None = None  # edit i of sample i (bench.interfaces.EditItem; editing runs)
     _features: dict[Any, torch.Tensor] = field(default_factory=dict)
     _extractors: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.source: SampleSource = TensorSamples(self.samples) if torch.is_tensor(self.samples) else self.samples
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source)
+
+    def iter_samples(self, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first index, uint8 [B, 3, H, W]) chunks of ``batch_size`` samples (the last may be shorter), in index
+        order; chunk boundaries are multiples of ``batch_size``, whatever the shards' batch size."""
+        return self.source.chunks(batch_size)
+
+    def map_samples(self, fn: Callable[[int, torch.Tensor], Any], batch_size: int) -> Any:
+        """``fn(first index, chunk)`` on each chunk, its per-sample results concatenated (tensors along dim 0,
+        arrays along axis 0, dicts key by key). A metric whose network batches by B passes B (or a multiple):
+        the network sees the same batches as on one whole array, so the values are the same bytes."""
+        parts = [fn(a, chunk) for a, chunk in self.iter_samples(batch_size)]
+        return _concat(parts)
+
+    def take_samples(self, indices) -> torch.Tensor:
+        """The samples ``indices`` (in that order) as uint8 [len, 3, H, W]: a metric that groups samples (by subject)
+        reads a group of at most its network's batch at a time."""
+        return self.source.take(list(indices))
+
+    def all_samples(self) -> torch.Tensor:
+        """Every sample in one uint8 [N, 3, H, W] tensor: only for a metric that truly needs all images at once
+        (it says why where it calls this); the rest use iter_samples/map_samples."""
+        if torch.is_tensor(self.samples):
+            return self.samples
+        return torch.cat([chunk for _, chunk in self.iter_samples(FEATURE_BATCH_SIZE)])
 
     def extractor(self, name: str, layer: str):
         from torch_fidelity.utils import create_feature_extractor
@@ -115,7 +178,10 @@ class EvalContext:
     def sample_features(self, name: str, layer: str) -> torch.Tensor:
         key = ("samples", name, layer)
         if key not in self._features:
-            self._features[key] = self._extract(UInt8Images(self.samples), name, layer)
+            # chunk by chunk, each chunk the extractor's batch: the same batches (and bytes) as one whole array
+            self._features[key] = self.map_samples(
+                lambda _, chunk: self._extract(UInt8Images(chunk), name, layer), FEATURE_BATCH_SIZE
+            )
         return self._features[key]
 
     def reference_images(self) -> torch.Tensor:
@@ -146,6 +212,23 @@ class EvalContext:
             save_cached(path, feats, provenance)
         self._features[key] = feats
         return feats
+
+
+def _concat(parts: list[Any]) -> Any:
+    import numpy as np
+
+    if not parts:
+        raise ValueError("no samples")
+    first = parts[0]
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(_concat([p[i] for p in parts]) for i in range(len(first)))
+    if torch.is_tensor(first):
+        return torch.cat(parts)
+    if isinstance(first, np.ndarray):
+        return np.concatenate(parts)
+    return [x for p in parts for x in p]
 
 
 def load_cached(path: Path) -> torch.Tensor | None:

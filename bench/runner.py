@@ -362,41 +362,46 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
 
 
 def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
-    """All samples in index order (uint8 [N, H, W, C]) and their SamplingTimings, read from the complete shards on
-    disk (``made``: the records of this process's batches; kept for callers). BenchError if a shard is missing or
-    damaged."""
+    """The run's samples as a ``bench.shards.ShardSamples`` (read from the shards a chunk at a time, never joined
+    into one array) and their SamplingTimings, after checking every shard complete on disk (``made``: the
+    records of this process's batches; kept for callers). BenchError if a shard is missing or damaged."""
     import torch
 
     from bench.evaluation import SamplingTimings
-    from bench.shards import ShardStore
+    from bench.shards import ShardSamples, ShardStore
 
     spec, made = plan.spec, made or {}
     store = ShardStore(plan.output, plan.protocol_hash)
     c, h, w = plan.model.sample_shape
     timings = SamplingTimings(memory_source=peak_memory(torch.device(spec.device))[1])
-    parts = []
+    ranges = []
     for k in range(num_batches(spec)):
         indices = batch_range(spec, k)
-        loaded = store.load(k, indices, (h, w, c))  # from disk: no process keeps its batches in memory
+        loaded = store.load(k, indices, (h, w, c))  # checks one shard (sidecar, sha256) at a time, then drops it
         if loaded is None:
             raise BenchError(f"sample shard {k} in {store.dir} is missing or damaged; run the command again with --resume")
-        array, record = loaded
-        parts.append(array)
+        _, record = loaded
+        ranges.append(indices)
         timings.batch_seconds.append(record.seconds)
         timings.batch_sizes.append(indices[1] - indices[0])
         timings.batch_calls.append(record.calls)
         timings.call_seconds.append(list(record.call_seconds))
         timings.batch_warmup.append(record.warmup)
         timings.peak_memory_bytes = max(timings.peak_memory_bytes, record.peak_memory_bytes)
-    return np.concatenate(parts), timings
+    return ShardSamples(store, ranges, (h, w, c)), timings
 
 
 def sample(plan: Plan, progress: bool = True, on_batch: Callable[[int], None] | None = None):
-    """Generate all samples in one process; returns (uint8 [N, H, W, C], SamplingTimings)."""
-    return collect(plan, generate_shards(plan, list(range(num_batches(plan.spec))), progress, on_batch))
+    """Generate all samples in one process; returns (uint8 [N, H, W, C], SamplingTimings). The whole array: for
+    tests and small runs only (``execute`` reads the shards a chunk at a time)."""
+    samples, timings = collect(plan, generate_shards(plan, list(range(num_batches(plan.spec))), progress, on_batch))
+    return samples.array(), timings
 
 
-def samples_digest(samples: np.ndarray) -> str:
+def samples_digest(samples) -> str:
+    """sha256 of the samples' bytes in index order: an array, or a ShardSamples hashed shard by shard."""
+    if hasattr(samples, "digest"):
+        return samples.digest()
     return hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
 
 
@@ -410,14 +415,17 @@ def checked_values(metric: Metric, values: dict[str, float]) -> dict[str, float]
     return values
 
 
-def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
+def evaluate(plan: Plan, samples, timings) -> dict[str, float]:
+    """The metrics of ``samples``: a ShardSamples (read a chunk at a time) or a uint8 [N, H, W, C] array."""
     import torch
 
     from bench.evaluation import EvalContext, metric_threads
 
+    if isinstance(samples, np.ndarray):
+        samples = torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous()
     ctx = EvalContext(
         spec=plan.spec,
-        samples=torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous(),
+        samples=samples,
         reference=plan.reference,
         device=torch.device(plan.spec.device),
         timings=timings,
@@ -434,9 +442,13 @@ def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
     return values
 
 
-def save_grid(samples: np.ndarray, path: Path, n: int = 64, scale: int = 4) -> None:
+def save_grid(samples, path: Path, n: int = 64, scale: int = 4) -> None:
+    """The first ``n`` samples (an array, or a ShardSamples of which only they are read) as one PNG grid."""
     from PIL import Image
 
+    if hasattr(samples, "chunks"):
+        first = next(samples.chunks(n), (0, None))[1]
+        samples = first.permute(0, 2, 3, 1).numpy() if first is not None else np.zeros((0, *samples.sample_shape), np.uint8)
     n = min(n, len(samples))
     cols = int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

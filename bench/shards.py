@@ -147,3 +147,87 @@ def run_state(folder: Path) -> dict[str, Any] | None:
 def save_run_state(folder: Path, state: dict[str, Any]) -> None:
     atomic_write(Path(folder) / RUN_STATE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
 
+
+
+class ShardSamples:
+    """A run's samples as the metric phase reads them: straight from the shards, memory-mapped, one chunk at a
+    time (bench.evaluation.SampleSource). ``ranges[k]`` is batch k's [start, stop); the shards were checked
+    complete (sidecar, sha256) by the caller, and each is checked again for dtype and shape when mapped."""
+
+    def __init__(self, store: ShardStore, ranges: list[tuple[int, int]], sample_shape: tuple[int, int, int]):
+        self.store, self.ranges, self.sample_shape = store, list(ranges), tuple(sample_shape)  # [H, W, C]
+
+    def __len__(self) -> int:
+        return self.ranges[-1][1] if self.ranges else 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.sample_shape)
+
+    def array(self) -> np.ndarray:
+        """Every sample as one uint8 [N, H, W, C] array: for tests and small one-process runs (``runner.sample``),
+        never on the run path."""
+        return np.concatenate([self.shard(k) for k in range(len(self.ranges))])
+
+    def digest(self) -> str:
+        """sha256 of the samples' bytes in index order (that of ``array()``), one shard at a time."""
+        h = hashlib.sha256()
+        for k in range(len(self.ranges)):
+            h.update(np.ascontiguousarray(self.shard(k)).data)
+        return h.hexdigest()
+
+    def shard(self, k: int) -> np.ndarray:
+        """Shard ``k`` memory-mapped (read-only): pages come from disk as they are read."""
+        start, stop = self.ranges[k]
+        array = np.load(self.store.path(k), mmap_mode="r", allow_pickle=False)
+        if array.dtype != np.uint8 or array.shape != (stop - start, *self.sample_shape):
+            raise ValueError(f"sample shard {k} in {self.store.dir} changed since it was checked")
+        return array
+
+    def chunks(self, size: int):
+        """(first index, uint8 [B, 3, H, W] tensor) of ``size`` samples each (the last may be shorter), in index
+        order; a chunk may span shards. Only the chunk is copied into memory."""
+        if size < 1:
+            raise ValueError(f"chunk size {size} < 1")
+        parts: list[np.ndarray] = []
+        have = start = 0
+        for k in range(len(self.ranges)):
+            array = self.shard(k)
+            pos = 0
+            while pos < len(array):
+                take = min(size - have, len(array) - pos)
+                parts.append(array[pos : pos + take])
+                have, pos = have + take, pos + take
+                if have == size:
+                    yield start, _chw(parts)
+                    parts, have, start = [], 0, start + size
+            del array
+        if parts:
+            yield start, _chw(parts)
+
+
+    def take(self, indices: list[int]):
+        """The samples ``indices`` (in that order) as one uint8 [len, 3, H, W] tensor, read from their shards."""
+        import bisect
+
+        import torch
+
+        starts = [a for a, _ in self.ranges]
+        out = np.empty((len(indices), *self.sample_shape), np.uint8)
+        by_shard: dict[int, list[int]] = {}
+        for j, i in enumerate(indices):
+            if not 0 <= i < len(self):
+                raise IndexError(f"sample {i} of {len(self)}")
+            by_shard.setdefault(bisect.bisect_right(starts, i) - 1, []).append(j)
+        for k, js in by_shard.items():
+            array = self.shard(k)
+            out[js] = array[[indices[j] - starts[k] for j in js]]
+            del array
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _chw(parts: list[np.ndarray]):
+    """Shard slices [b, H, W, C] as one uint8 [B, 3, H, W] tensor in memory (copied out of the maps)."""
+    import torch
+
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()

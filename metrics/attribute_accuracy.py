@@ -132,4 +132,5 @@ class AttributeAccuracy(Metric):
         if ctx.targets is None:
             raise BenchError("attribute-accuracy: this run has no per-sample targets (prompts with attributes)")
         net = load_network(network_folder(ctx.reference))
-        return score(predict(net, ctx.samples), ctx.targets)
+        # a chunk of BATCH samples at a time (predict's own batches); predictions per sample, not images, are kept
+        return score(ctx.map_samples(lambda _, chunk: predict(net, chunk), BATCH), ctx.targets)

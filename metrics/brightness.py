@@ -18,6 +18,9 @@ from bench.interfaces import Metric
 from bench.outputs import Output
 
 
+CHUNK = 200  # samples read at a time (per-image values: any chunk gives the same)
+
+
 def per_image_brightness(images_uint8) -> np.ndarray:
     x = np.asarray(images_uint8, dtype=np.float64)
     return x.reshape(len(x), -1).mean(axis=1)
@@ -39,7 +42,7 @@ class Brightness(Metric):
                 "reference": reference.identity()}
 
     def compute(self, ctx) -> dict[str, float]:
-        gen = per_image_brightness(ctx.samples.numpy())
+        gen = ctx.map_samples(lambda _, chunk: per_image_brightness(chunk.numpy()), CHUNK)
         ref = per_image_brightness(ctx.reference_images().numpy())
         return {
             "brightness_mean": float(gen.mean()),

@@ -127,5 +127,8 @@ class CLIPScore(Metric):
         if not ctx.prompts:
             raise BenchError("clip-score: this run has no prompts")
         model, preprocess = load_clip(ctx.reference.clip_backbone, ctx.device)
-        scores = clip_scores(model, preprocess, ctx.samples, list(ctx.prompts), ctx.device)
+        prompts = list(ctx.prompts)
+        # a chunk of BATCH samples at a time: clip_scores' own batches, so the same bytes as on one array
+        scores = ctx.map_samples(lambda a, chunk: clip_scores(model, preprocess, chunk, prompts[a : a + len(chunk)],
+                                                              ctx.device), BATCH)
         return {KEY: float(scores.mean()), f"{KEY}_std": float(scores.std()) if len(scores) > 1 else 0.0}

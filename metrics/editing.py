@@ -30,6 +30,8 @@ on the embedded world.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -250,6 +252,10 @@ def summarize(values: dict[str, torch.Tensor], types: Sequence[str], valid: dict
     return out
 
 
+EDIT_CHUNK = 256  # edits evaluated at a time (LPIPS and structure see one chunk as one batch; a run of at most
+# EDIT_CHUNK edits is one batch, as before the metric phase read its samples in chunks)
+
+
 class EditMetric(Metric):
     """Base: an editing run's per-edit values, averaged overall and per edit type."""
 
@@ -265,9 +271,19 @@ class EditMetric(Metric):
     def compute(self, ctx) -> dict[str, float]:
         if ctx.items is None:
             raise BenchError(f"{self.name}: this run has no edits")
-        if len(ctx.items) != len(ctx.samples):
-            raise BenchError(f"{self.name}: {len(ctx.samples)} samples for {len(ctx.items)} edits")
-        values, valid = self.per_edit(ctx, Backbones(ctx.reference))
+        if len(ctx.items) != ctx.num_samples:
+            raise BenchError(f"{self.name}: {ctx.num_samples} samples for {len(ctx.items)} edits")
+        backbones = Backbones(ctx.reference)
+
+        def chunk_values(a: int, chunk: torch.Tensor):
+            # the edits of this chunk alone: per-edit values of EDIT_CHUNK samples at a time, never the whole run
+            part = dataclasses.replace(ctx, samples=chunk, items=ctx.items[a : a + len(chunk)], _features={},
+                                       prompts=None if ctx.prompts is None else ctx.prompts[a : a + len(chunk)],
+                                       targets=None if ctx.targets is None else ctx.targets[a : a + len(chunk)])
+            values, valid = self.per_edit(part, backbones)
+            return values, {k: valid.get(k, torch.ones(len(chunk), dtype=torch.bool)) for k in values}
+
+        values, valid = ctx.map_samples(chunk_values, EDIT_CHUNK)
         return summarize(values, [it.edit_type for it in ctx.items], valid)
 
     def per_edit(self, ctx, backbones: Backbones) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -30,6 +30,7 @@ from bench.outputs import Output
 KEY_REWARD = "reward"
 KEY_HUMAN = "human_approval"
 KEY_ACCURACY = "feedback_accuracy"
+REWARD_BATCH = 512  # bench.alignment.FeedbackReward scores 512 images at a time: the metric reads chunks of as many
 
 
 class FeedbackRewardMetric(Metric):
@@ -74,11 +75,19 @@ class FeedbackRewardMetric(Metric):
 
         if not ctx.prompts or ctx.targets is None:
             raise BenchError("feedback-reward: this run has no prompts with targets")
-        rewards = FeedbackReward()(ctx.samples, list(ctx.prompts))
-        verdict = judge(ctx.samples.permute(0, 2, 3, 1).numpy(), ctx.targets)
+        from metrics.attribute_accuracy import BATCH
+
+        prompts, targets = list(ctx.prompts), list(ctx.targets)
+        reward = FeedbackReward()
+        # three passes over the samples, a chunk at a time, each chunk the batch of the network it feeds (the
+        # reward model's 512, the classifier's BATCH; the judge is per image): the same bytes as on one array
+        rewards = ctx.map_samples(lambda a, chunk: reward(chunk, prompts[a : a + len(chunk)]), REWARD_BATCH)
+        verdict = ctx.map_samples(lambda a, chunk: judge(chunk.permute(0, 2, 3, 1).numpy(),
+                                                         targets[a : a + len(chunk)]), REWARD_BATCH)
         values = {KEY_REWARD: float(rewards.mean()), KEY_HUMAN: float(np.mean(verdict["label"]))}
         values.update({f"human_{a}": float(np.mean(verdict[a])) for a in JUDGED})
-        predicted = predict(load_network(network_folder(ctx.reference)), ctx.samples)
+        net = load_network(network_folder(ctx.reference))
+        predicted = ctx.map_samples(lambda _, chunk: predict(net, chunk), BATCH)
         values[KEY_ACCURACY] = float(np.mean(feedback_hits(predicted, ctx.targets)))
         return values
 

@@ -81,7 +81,11 @@ def mean_pairwise_similarity(real: torch.Tensor) -> float:
 
 def subject_fidelity(embed, samples: torch.Tensor, subject_of_sample: Sequence[str | None],
                      subjects: dict[str, Any]) -> tuple[float, float]:
-    """(mean over samples of the similarity to their subject's real images, mean pairwise among real images)."""
+    """(mean over samples of the similarity to their subject's real images, mean pairwise among real images).
+
+    ``samples``: uint8 [N, 3, H, W], or a function from sample indices to those samples (EvalContext.take_samples:
+    read from the shards)."""
+    take = (lambda ix: samples[ix]) if torch.is_tensor(samples) else samples
     scores, ceilings = [], []
     names = [n for n in dict.fromkeys(subject_of_sample) if n is not None]
     if not names:
@@ -91,7 +95,9 @@ def subject_fidelity(embed, samples: torch.Tensor, subject_of_sample: Sequence[s
         if name not in subjects:
             raise BenchError(f"sample names subject {name!r}, which the data set does not have")
         real = embed(subjects[name].images_tensor())
-        gen = embed(samples[idx])
+        # the subject's samples a group of the embedder's batch at a time (its own batches: the same bytes)
+        step = getattr(embed, "batch", None) or max(len(idx), 1)
+        gen = torch.cat([embed(take(idx[a : a + step])) for a in range(0, len(idx), step)])
         g = torch.nn.functional.normalize(gen.double(), dim=-1)
         r = torch.nn.functional.normalize(real.double(), dim=-1)
         scores.append((g @ r.T).mean(dim=1))
@@ -116,6 +122,7 @@ def clip_image_embedder(backbone: str, device: torch.device):
             out.append(model.encode_image(pixels).float().cpu())
         return torch.cat(out)
 
+    embed.batch = BATCH  # its batches: subject_fidelity reads samples in groups of as many
     return model, embed
 
 
@@ -148,7 +155,7 @@ class CLIPI(_CLIPMetric):
 
     def compute(self, ctx) -> dict[str, float]:
         _, embed = clip_image_embedder(ctx.reference.clip_backbone, ctx.device)
-        score, ceiling = subject_fidelity(embed, ctx.samples, _subject_of_samples(ctx), _subjects_by_name(ctx.reference))
+        score, ceiling = subject_fidelity(embed, ctx.take_samples, _subject_of_samples(ctx), _subjects_by_name(ctx.reference))
         return {"clip_i": score, "clip_i_real": ceiling}
 
 
@@ -162,12 +169,13 @@ class CLIPT(_CLIPMetric):
         from bench.embedded.eval_clip import import_clip
 
         model, embed = clip_image_embedder(ctx.reference.clip_backbone, ctx.device)
-        texts = [t.get("clip_t_text") if t else None for t in ctx.targets or [None] * len(ctx.samples)]
+        texts = [t.get("clip_t_text") if t else None for t in ctx.targets or [None] * ctx.num_samples]
         keep = [i for i, t in enumerate(texts) if t]
         if not keep:
             raise BenchError("clip-t: no sample has a class-noun prompt (clip_t_text)")
         clip = import_clip()
-        image = embed(ctx.samples[keep])
+        # BATCH kept samples at a time (the embedder's batches): the same bytes as on one array
+        image = torch.cat([embed(ctx.take_samples(keep[a : a + BATCH])) for a in range(0, len(keep), BATCH)])
         with torch.no_grad():
             tokens = clip.tokenize([texts[i] for i in keep], context_length=model.context_length, truncate=True)
             text = torch.cat([model.encode_text(tokens[a : a + BATCH].to(ctx.device)).float().cpu()
@@ -196,6 +204,7 @@ def dino_embedder(backbone: str, device: torch.device):
             return torch.cat([net(to_input(images_uint8[a : a + NET_BATCH]).to(device))["embedding"].cpu()
                               for a in range(0, len(images_uint8), NET_BATCH)])
 
+        embed.batch = NET_BATCH
         return embed
     from bench.models import resolve_folder
 
@@ -216,6 +225,7 @@ def dino_embedder(backbone: str, device: torch.device):
             out.append(model(pixel_values=inputs["pixel_values"].to(device)).last_hidden_state[:, 0].float().cpu())
         return torch.cat(out)
 
+    embed.batch = BATCH
     return embed
 
 
@@ -258,7 +268,7 @@ class DINO(Metric):
 
     def compute(self, ctx) -> dict[str, float]:
         embed = dino_embedder(dino_backbone(ctx.reference), ctx.device)
-        score, ceiling = subject_fidelity(embed, ctx.samples, _subject_of_samples(ctx), _subjects_by_name(ctx.reference))
+        score, ceiling = subject_fidelity(embed, ctx.take_samples, _subject_of_samples(ctx), _subjects_by_name(ctx.reference))
         key = KEY_EMBEDDED if ctx.reference.embedded else KEY_DINO
         return {key: score, f"{key}_real": ceiling}
 

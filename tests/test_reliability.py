@@ -148,6 +148,37 @@ def test_generated_batches_are_not_kept_in_memory(tmp_path, tiny_model_dir):
     assert samples.shape == (128, 16, 16, 3) and len(timings.batch_seconds) == 2
 
 
+def test_metric_phase_reads_one_chunk_of_samples_at_a_time(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """A whole run (sampling, digest, grid, FID/KID/brightness, `bench evaluate`): no array or tensor of images ever
+    holds more than one chunk (the feature extractor's batch), never the run's 448 samples."""
+    from bench.evaluation import FEATURE_BATCH_SIZE
+
+    largest = [0]
+    np_concatenate, torch_cat, torch_stack = np.concatenate, torch.cat, torch.stack
+
+    def watch(result):
+        if result.dtype in (np.uint8, torch.uint8) and result.ndim == 4:  # a set of images
+            largest[0] = max(largest[0], len(result))
+        return result
+
+    monkeypatch.setattr(np, "concatenate", lambda *a, **k: watch(np_concatenate(*a, **k)))
+    monkeypatch.setattr(torch, "cat", lambda *a, **k: watch(torch_cat(*a, **k)))
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: watch(torch_stack(*a, **k)))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    args = ["--num-samples", "448", "--batch-size", "64", "--steps", "2", "--no-progress",
+            "--metrics", "fid,kid,brightness"]
+    assert main(["run", "--model", str(tiny_model_dir), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                 "--output", str(out), *args]) == 0, capsys.readouterr().err[-3000:]
+    assert 0 < largest[0] <= FEATURE_BATCH_SIZE < 448
+    values = json.loads((out / "results.json").read_text())["values"]
+    assert values["num_samples"] == 448 and math.isfinite(values["fid"])
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 0
+    assert "DIFFERENT" not in capsys.readouterr().out  # the shards read back in chunks give the recorded values
+    assert largest[0] <= FEATURE_BATCH_SIZE
+
+
 def test_run_too_big_for_the_disk_is_refused_before_it_starts(tmp_path, tiny_model_dir, capsys, monkeypatch):
     import shutil
 

@@ -20,28 +20,39 @@ def add_parser(sub, argv: list[str]) -> None:
 
 
 def load_samples(folder: Path, spec, protocol_hash: str):
-    """All samples of a run folder, from complete shards only (bench.shards); shards of runs made before sidecars
-    existed are read as they are."""
+    """The samples of a run folder as a ``bench.shards.ShardSamples`` (read a chunk at a time, never joined into one
+    array), from complete shards only (bench.shards); shards of runs made before sidecars existed are read as
+    they are."""
     import numpy as np
 
     from bench.runner import batch_range, num_batches
-    from bench.shards import ShardStore
+    from bench.shards import ShardSamples, ShardStore
 
     store = ShardStore(folder, protocol_hash)
-    shards = []
+    ranges, shape = [], None
     for k in range(num_batches(spec)):
+        indices = batch_range(spec, k)
         if store.path(k).exists() and not store.sidecar(k).exists() and not (folder / "run.json").exists():
-            try:  # a run folder older than sidecars
-                shards.append(np.load(store.path(k), allow_pickle=False))
+            try:  # a run folder older than sidecars: mapped, not read, to learn its shape
+                array = np.load(store.path(k), mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError, EOFError) as exc:
                 raise BenchError(f"sample shard {k} in {folder} is unreadable: {exc}") from None
-            continue
-        loaded = store.load(k, batch_range(spec, k))
-        if loaded is None:
-            raise BenchError(f"sample shard {k} in {folder} is missing, unreadable or incomplete; finish the run "
-                             f"with `bench run ... --resume`")
-        shards.append(loaded[0])
-    return np.concatenate(shards)
+            if array.dtype != np.uint8 or array.ndim != 4:
+                raise BenchError(f"sample shard {k} in {folder} is not uint8 [N, H, W, C] samples")
+            start = ranges[-1][1] if ranges else 0
+            indices = (start, start + len(array))
+        else:
+            loaded = store.load(k, indices, shape)
+            if loaded is None:
+                raise BenchError(f"sample shard {k} in {folder} is missing, unreadable or incomplete; finish the run "
+                                 f"with `bench run ... --resume`")
+            array = loaded[0]
+        if shape is not None and tuple(array.shape[1:]) != shape:
+            raise BenchError(f"sample shard {k} in {folder} holds samples of another shape")
+        shape = tuple(array.shape[1:])
+        ranges.append(indices)
+        del array
+    return ShardSamples(store, ranges, shape or (0, 0, 0))
 
 
 def run(args) -> int:
@@ -79,7 +90,7 @@ def run(args) -> int:
     if spec.dataset is None:
         raise BenchError(f"{folder}/config.json names no data set")
     reference = DATASETS.get(spec.dataset)()
-    ctx = EvalContext(spec, torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous(), reference,
+    ctx = EvalContext(spec, samples, reference,
                       torch.device(spec.device if spec.device == "cpu" or torch.cuda.is_available() else "cpu"))
     from bench.evaluation import metric_threads
 
