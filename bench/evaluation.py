@@ -145,13 +145,6 @@ class EvalContext:
         reads a group of at most its network's batch at a time."""
         return self.source.take(list(indices))
 
-    def all_samples(self) -> torch.Tensor:
-        """Every sample in one uint8 [N, 3, H, W] tensor: only for a metric that truly needs all images at once
-        (it says why where it calls this); the rest use iter_samples/map_samples."""
-        if torch.is_tensor(self.samples):
-            return self.samples
-        return torch.cat([chunk for _, chunk in self.iter_samples(FEATURE_BATCH_SIZE)])
-
     def extractor(self, name: str, layer: str):
         from torch_fidelity.utils import create_feature_extractor
 
