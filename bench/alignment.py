@@ -66,7 +66,7 @@ class FeedbackReward(Reward):
 
     def identity(self) -> dict[str, Any]:
         from bench.embedded.feedback import REWARD_CONFIG, REWARD_FILE
-        from bench.models import file_digest
+        from bench.files import file_digest
 
         return {"reward": self.name, "kind": "learned from binary labels (Lee et al. 2023)", "range": "[0, 1]",
                 "digest": file_digest([self.folder / REWARD_FILE, self.folder / REWARD_CONFIG])}
@@ -151,7 +151,7 @@ def load_feedback(folder: Path | None = None) -> FeedbackSet:
     from safetensors.torch import load_file
 
     from bench.embedded.feedback import FEEDBACK_FILE, FEEDBACK_META
-    from bench.models import file_digest
+    from bench.files import file_digest
 
     folder = Path(folder) if folder else feedback_folder()
     try:

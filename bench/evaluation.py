@@ -15,14 +15,12 @@ from typing import Any
 
 import torch
 
+from bench.extractors import ensure_registered
+from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
 from bench.spec import RunSpec, stable_hash
 
 FEATURE_BATCH_SIZE = 200
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFBENCH_CACHE", Path("~/.cache/diffbench").expanduser()))
 
 
 @dataclass
@@ -67,8 +65,6 @@ class EvalContext:
 
         key = (name, layer)
         if key not in self._extractors:
-            from metrics.fidelity import ensure_registered
-
             ensure_registered()
             self._extractors[key] = create_feature_extractor(
                 name, [layer], cuda=self.device.type == "cuda", verbose=False

@@ -47,7 +47,7 @@ def training_scheduler(model: Any):
 
 def encode_prompts(model: Any, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
     """Text-encoder hidden states [B, 77, D] of ``prompts``; ``grad=True`` keeps the graph (textual inversion)."""
-    from bench.embedded.t2i import tokenize
+    from bench.embedded.tokenizer import tokenize
 
     device = next(model.text_encoder.parameters()).device
     ids = tokenize(model.tokenizer, list(prompts)).to(device)

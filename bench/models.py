@@ -11,29 +11,17 @@ to download and where to put it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from bench.files import file_digest
 from bench.interfaces import DiffusionModel, TextToImageModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def file_digest(paths: list[Path], extra: Any = None) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    if extra is not None:
-        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:

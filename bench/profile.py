@@ -314,7 +314,8 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
     from bench.datasets import Shapes16
     from bench.evaluation import FEATURE_BATCH_SIZE, SamplingTimings, UInt8Images
     from bench.runner import evaluate
-    from metrics.fidelity import ensure_registered, kid_subset_size
+    from bench.extractors import ensure_registered
+    from metrics.fidelity import kid_subset_size
 
     plan = _plan(bench, workdir / "metrics", ("fid", "kid"))
     timings = SamplingTimings(batch_calls=[bench.steps])

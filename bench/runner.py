@@ -199,14 +199,6 @@ def _prompts_and_targets(spec: RunSpec, method: Method, reference: ReferenceSet,
     return prompts, targets
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C], rounding as diffusers' numpy_to_pil does."""
-    import torch
-
-    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-
-
 def batch_range(spec: RunSpec, k: int) -> tuple[int, int]:
     """The samples [start, stop) of batch k: fixed by the batch size alone, whatever the processes."""
     return k * spec.batch_size, min((k + 1) * spec.batch_size, spec.num_samples)
@@ -247,6 +239,7 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
     from tqdm.auto import tqdm
 
     from bench.denoiser import CountingDenoiser, sample_seed, synchronize
+    from bench.images import to_uint8
     from bench.runtime import attention_context
     from bench.shards import ShardRecord, ShardStore
 

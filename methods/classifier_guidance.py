@@ -94,7 +94,7 @@ class ClassifierGuidance(SchedulerSampler):
                              f"rebuild it with `bench embedded train noisy-classifier`")
 
     def extra_protocol(self, model: DiffusionModel) -> dict[str, Any]:
-        from bench.models import file_digest
+        from bench.files import file_digest
 
         folder = classifier_folder()
         return {"classifier": "embedded noisy-classifier",

@@ -169,7 +169,8 @@ class CustomDiffusion(PersonalizationMethod):
     def merge(self, model: DiffusionModel, subjects: Sequence[Subject]) -> dict[str, Any]:
         """One set of processors for every subject (eq. 5 for each cross-attention W_k and W_v)."""
         from bench.embedded.shapes import WorldConfig, make_scenes
-        from bench.embedded.t2i import T2I_SEED, tokenize
+        from bench.embedded.t2i import T2I_SEED
+        from bench.embedded.tokenizer import tokenize
         from bench.finetune import encode_prompts
 
         captions = [s.caption for s in make_scenes(T2I_SEED, range(REG_CAPTIONS), WorldConfig(32, 2, "train"))] \

@@ -280,8 +280,8 @@ class PersonalizationMethod(LatentTextToImage):
         seeds and the sampler, so they are kept on disk under a key of all of them (a sweep makes them once).
         """
         from bench.denoiser import CountingDenoiser, sample_seed
-        from bench.evaluation import cache_dir
-        from bench.runner import to_uint8
+        from bench.files import cache_dir
+        from bench.images import to_uint8
         from bench.spec import stable_hash
 
         seeds = [sample_seed(spec.seed, offset + i) for i in range(n)]

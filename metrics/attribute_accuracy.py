@@ -29,7 +29,7 @@ BATCH = 500
 
 
 def network_folder(reference: ReferenceSet):
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR
+    from bench.embedded.feature_extractor import WEIGHTS_DIR
 
     return WEIGHTS_DIR.parent / NETWORKS[reference.feature_extractor]
 
@@ -105,9 +105,9 @@ class AttributeAccuracy(Metric):
         self._digest(reference)
 
     def _digest(self, reference: ReferenceSet) -> str:
-        from metrics.fidelity import _shapes_digest
+        from bench.extractors import shapes_digest
 
-        return _shapes_digest(NETWORKS[reference.feature_extractor])
+        return shapes_digest(NETWORKS[reference.feature_extractor])
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         return {
@@ -121,7 +121,7 @@ class AttributeAccuracy(Metric):
         }
 
     def compute(self, ctx) -> dict[str, float]:
-        from metrics.feature_extractor_shapes import load_network
+        from bench.embedded.feature_extractor import load_network
 
         if ctx.targets is None:
             raise BenchError("attribute-accuracy: this run has no per-sample targets (prompts with attributes)")

@@ -57,7 +57,7 @@ def preflight(backbone: str) -> None:
 
 
 def weights_digest(backbone: str) -> str:
-    from bench.models import file_digest
+    from bench.files import file_digest
 
     if backbone == EMBEDDED_BACKBONE:
         return file_digest([embedded_weights()])

@@ -94,13 +94,13 @@ def structure_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
 # -- backbones ----------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _feature_net(folder: str):
-    from metrics.feature_extractor_shapes import load_network
+    from bench.embedded.feature_extractor import load_network
 
     return load_network(Path(folder))
 
 
 def feature_net_folder() -> Path:
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32
 
     return WEIGHTS_DIR32
 
@@ -123,7 +123,7 @@ class Backbones:
         self.embedded = bool(reference.embedded)
 
     def lpips_protocol(self) -> dict[str, Any]:
-        from bench.models import file_digest
+        from bench.files import file_digest
 
         if self.embedded:
             return {"name": "lpips-shapes", "network": "shapes-cnn32 (feature-net32), its five conv layers",
@@ -134,7 +134,7 @@ class Backbones:
                 "inputs": "[-1, 1]", "weights": ALEXNET_FILE}
 
     def structure_protocol(self) -> dict[str, Any]:
-        from bench.models import file_digest
+        from bench.files import file_digest
 
         if self.embedded:
             return {"name": "structure-shapes", "network": "shapes-cnn32, conv block 3 (64 channels, 8x8 tokens)",

@@ -63,7 +63,7 @@ class FeedbackRewardMetric(Metric):
         from bench.alignment import FeedbackReward, feedback_hits
         from bench.embedded.feedback import JUDGED, judge
         from metrics.attribute_accuracy import network_folder, predict
-        from metrics.feature_extractor_shapes import load_network
+        from bench.embedded.feature_extractor import load_network
 
         if not ctx.prompts or ctx.targets is None:
             raise BenchError("feedback-reward: this run has no prompts with targets")
@@ -77,6 +77,6 @@ class FeedbackRewardMetric(Metric):
 
 
 def _digest() -> str:
-    from metrics.fidelity import _shapes_digest
+    from bench.extractors import shapes_digest
 
-    return _shapes_digest("feature-net32")
+    return shapes_digest("feature-net32")

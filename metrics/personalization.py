@@ -176,7 +176,7 @@ def dino_embedder(backbone: str, device: torch.device):
     """uint8 [N, 3, H, W] -> embeddings: the feature network's (embedded) or DINO ViT-S/16's [CLS] token."""
     if backbone == EMBEDDED_DINO:
         from metrics.attribute_accuracy import BATCH as NET_BATCH
-        from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+        from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
         from bench.embedded.feature_net import to_input
 
@@ -220,9 +220,9 @@ class DINO(Metric):
     def check(self, spec, reference: ReferenceSet) -> None:
         _check_personalization(self.name, reference)
         if reference.embedded:
-            from metrics.fidelity import _shapes_digest
+            from bench.extractors import shapes_digest
 
-            _shapes_digest("feature-net32")
+            shapes_digest("feature-net32")
         else:  # before any sampling: DINO must be in the local Hugging Face cache (one line on what to download)
             from bench.models import resolve_folder
 
@@ -231,9 +231,9 @@ class DINO(Metric):
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         backbone = dino_backbone(reference)
         if backbone == EMBEDDED_DINO:
-            from metrics.fidelity import _shapes_digest
+            from bench.extractors import shapes_digest
 
-            what = {"weights": _shapes_digest("feature-net32"),
+            what = {"weights": shapes_digest("feature-net32"),
                     "embedding": "shapes-cnn32 64-d embedding (supervised on the renderer's attributes): DINO-style"}
         else:
             what = {"embedding": "DINO ViT-S/16 [CLS] token of the last layer (transformers ViTModel)",
@@ -254,7 +254,7 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, extractor: 
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     from bench.evaluation import UInt8Images
-    from metrics.fidelity import EXTRACTORS, ensure_registered
+    from bench.extractors import EXTRACTORS, ensure_registered
 
     info = EXTRACTORS[extractor]
     if min(len(images_a), len(images_b)) < 2 * info.dim:
@@ -278,7 +278,7 @@ def heldout_rate(images_uint8: torch.Tensor, subject_truth: dict | None) -> floa
     """
     from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, HELDOUT_COLORS, HELDOUT_SHAPES
     from metrics.attribute_accuracy import predict
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     obj = (subject_truth or {}).get("objects", [{}])[0]
     checks = []

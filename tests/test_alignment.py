@@ -245,9 +245,9 @@ def heldout_accuracy(model, m, n=CLAIM_SAMPLES, steps=20):
     (count, colors, background: ``feedback_accuracy``) and every attribute (shape too: ``attr_acc_all``)."""
     from bench.alignment import HeldoutPrompts, feedback_hits
     from bench.denoiser import CountingDenoiser, sample_seed
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     prompts = HeldoutPrompts().prompts(n)
     seeds = [sample_seed(0, i) for i in range(n)]

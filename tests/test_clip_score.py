@@ -94,7 +94,7 @@ def test_attribute_accuracy_of_rendered_scenes_is_high_and_of_wrong_targets_low(
     from bench.datasets import Shapes32
     from bench.embedded.shapes import render_set
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     shapes = Shapes32()
     prompts = shapes.prompts(200)

@@ -331,7 +331,7 @@ def claim_items():
 
 def scores(images, items):
     from bench.evaluation import EvalContext
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.editing import EditBackground, EditCLIP, ReconstructionError
 
     samples = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()

@@ -174,9 +174,9 @@ NEEDED = [EMBEDDED_WEIGHTS / "pixel-ddpm" / "unet", EMBEDDED_WEIGHTS / "noisy-cl
 @pytest.mark.skipif(not all(p.exists() for p in NEEDED), reason="embedded pixel DDPM or noisy classifier not trained")
 def test_classifier_guidance_moves_attribute_accuracy_towards_the_requested_color():
     from bench.datasets import Shapes16
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import load_network
+    from bench.embedded.feature_extractor import load_network
 
     model = load_model("embedded-ddpm")
     net = load_network()

@@ -88,7 +88,7 @@ def test_dreambench_missing_or_broken_is_one_line(tmp_path):
 def test_embedded_concepts_show_the_held_out_values():
     from bench.personalization import EmbeddedConcepts
     from metrics.attribute_accuracy import predict
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     ds = EmbeddedConcepts()
     diamond, orange = ds.subjects()

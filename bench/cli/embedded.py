@@ -18,7 +18,7 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "t2i-unet": ("bench.embedded.t2i", "UnetRecipe", "t2i"),  # the unet and the text encoder, jointly
     "noisy-classifier": ("bench.embedded.noisy_classifier", "Recipe", "noisy-classifier"),
     # -- alignment (issue 9): the base model's images, the simulated human's labels, the reward model --
-    "feedback": ("bench.embedded.feedback", "Recipe", "feedback"),
+    "feedback": ("bench.embedded.feedback_train", "Recipe", "feedback"),
 }
 
 

@@ -274,7 +274,7 @@ def reconstruction_error(vae, n: int = 1000, seed: int = HELDOUT_SEED) -> dict[s
     out = {"scenes": n, "mse": mse, "psnr_db": float(10 * np.log10(1.0 / mse))}
     try:  # how much of the prompt's content survives the autoencoder: an upper bound for generation
         from metrics.attribute_accuracy import predict, score
-        from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+        from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
         uint8 = (recon01 * 255).round().to(torch.uint8)
         targets = [{**s.attributes(), "count": len(s.objects)} for s in scenes]
@@ -285,11 +285,6 @@ def reconstruction_error(vae, n: int = 1000, seed: int = HELDOUT_SEED) -> dict[s
 
 
 # -- the UNet and the text encoder ---------------------------------------------------------------------------------------
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 def train_unet(out_dir: Path, recipe: UnetRecipe = UnetRecipe(), progress: bool = True, vae_dir: Path | None = None) -> dict:
     """Train the UNet and the text encoder on the frozen VAE's latents; save the whole pipeline folder."""
     from diffusers import AutoencoderKL, DDPMScheduler
@@ -298,7 +293,7 @@ def train_unet(out_dir: Path, recipe: UnetRecipe = UnetRecipe(), progress: bool 
 
     from bench.embedded.pool import scene_pool
     from bench.embedded.tokenizer import load as load_tokenizer
-    from bench.embedded.tokenizer import write_tokenizer_files
+    from bench.embedded.tokenizer import tokenize, write_tokenizer_files
     from bench.finetune import diffusion_loss
 
     torch.set_num_threads(recipe.threads)

@@ -107,3 +107,9 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     }
     (Path(out_dir) / "RECIPE.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def tokenize(tokenizer, captions: list[str]):
+    """Token ids [B, model_max_length] (a torch tensor), padded and truncated as Stable Diffusion's pipeline does."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
