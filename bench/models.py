@@ -102,14 +102,17 @@ def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = 
 
 
 def embedded_pixel_ddpm() -> DiffusionModel:
+    """pixel DDPM of the shapes world (16x16, UNet2DModel 1.1M params, committed safetensors)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm"), name="embedded-ddpm", embedded=True)
 
 
 def embedded_pixel_ddpm_zsnr() -> DiffusionModel:
+    """the same pixel DDPM trained with zero-terminal-SNR betas and v-prediction (Lin et al. 2023)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm-zsnr"), name="embedded-ddpm-zsnr", embedded=True)
 
 
 def ddpm_cifar10() -> DiffusionModel:
+    """Ho et al.'s CIFAR-10 DDPM (35.7M params); needs the download"""
     return load_pixel_diffusion("google/ddpm-cifar10-32", name="google/ddpm-cifar10-32")
 
 
@@ -191,10 +194,12 @@ def load_text_to_image(source: str, name: str | None = None, embedded: bool = Fa
 
 
 def embedded_t2i() -> TextToImageModel:
+    """tiny latent text-to-image StableDiffusionPipeline of the shapes world (32x32, 4x8x8 latents; committed safetensors)"""
     return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i"), name="embedded-t2i", embedded=True)
 
 
 def stable_diffusion_v1_5() -> TextToImageModel:
+    """Stable Diffusion v1.5 (Rombach et al. 2022), 512x512; needs the download"""
     return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
