@@ -86,7 +86,7 @@ class ClipReward(Reward):
     """CLIP score as a reward: max(cos(image, text), 0), the CLIP-score metric's value / 100."""
 
     def __init__(self, backbone: str):
-        from metrics.clip_score import preflight
+        from bench.clip import preflight
 
         preflight(backbone)
         self.backbone = backbone
@@ -94,13 +94,13 @@ class ClipReward(Reward):
         self._model = None
 
     def identity(self) -> dict[str, Any]:
-        from metrics.clip_score import weights_digest
+        from bench.clip import weights_digest
 
         return {"reward": self.name, "kind": "CLIP score (clip-anytorch)", "range": "[0, 1]",
                 "weights": weights_digest(self.backbone)}
 
     def __call__(self, images_uint8, prompts):
-        from metrics.clip_score import SCALE, clip_scores, load_clip
+        from bench.clip import SCALE, clip_scores, load_clip
 
         device = torch.device("cpu")
         if self._model is None:

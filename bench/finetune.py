@@ -13,7 +13,7 @@ that each adapter holds only its paper's part:
   Ho et al. 2020 (eq. 14, "L_simple"), with the target of the model's ``prediction_type``
   (epsilon, v or sample); ``reduction="none"`` gives one loss per sample (for weighted losses:
   DreamBooth's prior term, reward weighting). The random draws are noise first, then timesteps,
-  as in ``bench.embedded.t2i.train_unet`` (which uses it).
+  as in ``bench.recipes.t2i.train_unet`` (which uses it).
 - ``trainable_parameters(params)``: the parameter count a method trains (a leaderboard column).
 - ``BudgetMeter``: wall time, peak memory and device of a training phase; ``Budget.metrics()``
   gives the ``train_*`` metrics ``Method.prepare`` returns (``train_steps``, ``train_params``,

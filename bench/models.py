@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from bench.errors import BenchError
 from bench.files import file_digest

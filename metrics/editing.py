@@ -297,7 +297,7 @@ class EditCLIP(EditMetric):
     needs_prompts = True
 
     def check(self, spec, reference):
-        from metrics.clip_score import preflight
+        from bench.clip import preflight
 
         preflight(reference.clip_backbone)
 
@@ -307,7 +307,7 @@ class EditCLIP(EditMetric):
         return {**CLIPScore().protocol(spec, reference), "edited_region": "uint8 image times the mask (PIE-Bench)"}
 
     def per_edit(self, ctx, backbones):
-        from metrics.clip_score import clip_scores, load_clip
+        from bench.clip import clip_scores, load_clip
 
         model, preprocess = load_clip(ctx.reference.clip_backbone, ctx.device)
         prompts = [it.target_prompt for it in ctx.items]

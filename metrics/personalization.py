@@ -99,7 +99,7 @@ def subject_fidelity(embed, samples: torch.Tensor, subject_of_sample: Sequence[s
 def clip_image_embedder(backbone: str, device: torch.device):
     from PIL import Image
 
-    from metrics.clip_score import load_clip
+    from bench.clip import load_clip
 
     model, preprocess = load_clip(backbone, device)
 
@@ -120,13 +120,13 @@ class _CLIPMetric(Metric):
     needs_targets = True
 
     def check(self, spec, reference: ReferenceSet) -> None:
-        from metrics.clip_score import preflight
+        from bench.clip import preflight
 
         _check_personalization(self.name, reference)
         preflight(reference.clip_backbone)
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
-        from metrics.clip_score import EMBEDDED_BACKBONE, weights_digest
+        from bench.clip import EMBEDDED_BACKBONE, weights_digest
 
         return {"backbone": reference.clip_backbone, "embedded": reference.clip_backbone == EMBEDDED_BACKBONE,
                 "weights": weights_digest(reference.clip_backbone), "scale": "raw cosine (DreamBench)",

@@ -62,7 +62,7 @@ def test_clip_score_equals_a_direct_computation(tiny_clip_file, monkeypatch):
 
 
 def test_real_backbone_offline_is_one_line(monkeypatch, tmp_path):
-    from metrics.clip_score import preflight
+    from bench.clip import preflight
 
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(BenchError, match=r"ViT-B-32\.pt") as info:
@@ -110,7 +110,7 @@ def test_committed_evaluation_clip_loads_through_clip_load_and_reads_its_world(t
     import json
 
     from bench.embedded.shapes import WorldConfig, render_set
-    from metrics.clip_score import clip_scores, embedded_weights
+    from bench.clip import clip_scores, embedded_weights
 
     clip = import_clip()
     model, preprocess = clip.load(str(export_for_clip_load(embedded_weights(), tmp_path / "shapes-clip.pt")),
