@@ -40,10 +40,11 @@ def test_state_dict_builds_through_clip_load(tiny_clip_file, tmp_path):
 
 
 def test_clip_score_equals_a_direct_computation(tiny_clip_file, monkeypatch):
+    import bench.clip
     import metrics.clip_score as cs
     from bench.datasets import Shapes32
 
-    monkeypatch.setattr(cs, "embedded_weights", lambda: tiny_clip_file)
+    monkeypatch.setattr(bench.clip, "embedded_weights", lambda: tiny_clip_file)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=gen)
     ctx = EvalContext(RunSpec(num_samples=3), images, Shapes32(), torch.device("cpu"), prompts=PROMPTS)
