@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 from bench.extractors import ensure_registered
 from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
-from bench.spec import RunSpec, stable_hash
+from bench.spec import RunSpec, canonical_json, stable_hash
 
 FEATURE_BATCH_SIZE = 200
 
@@ -61,8 +64,6 @@ class EvalContext:
     _extractors: dict[Any, Any] = field(default_factory=dict)
 
     def extractor(self, name: str, layer: str):
-        from torch_fidelity.utils import create_feature_extractor
-
         key = (name, layer)
         if key not in self._extractors:
             ensure_registered()
@@ -72,8 +73,6 @@ class EvalContext:
         return self._extractors[key]
 
     def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
-        from torch_fidelity.utils import get_featuresdict_from_dataset
-
         fe = self.extractor(name, layer)
         feats = get_featuresdict_from_dataset(
             dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
@@ -117,9 +116,6 @@ class EvalContext:
 
 
 def load_cached(path: Path) -> torch.Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.exists():
         return None
     try:
@@ -130,10 +126,6 @@ def load_cached(path: Path) -> torch.Tensor | None:
 
 
 def save_cached(path: Path, features: torch.Tensor, provenance: dict) -> None:
-    from safetensors.torch import save_file
-
-    from bench.spec import canonical_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"features": features.contiguous()}, str(tmp), metadata={"provenance": canonical_json(provenance)})

@@ -35,20 +35,19 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from bench.embedded.tokenizer import tokenize
 
 
 def training_scheduler(model: Any):
     """A ``DDPMScheduler`` with the model's training schedule (the scheduler config it ships with)."""
-    from diffusers import DDPMScheduler
-
     config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
     return DDPMScheduler.from_config(config)
 
 
 def encode_prompts(model: Any, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
     """Text-encoder hidden states [B, 77, D] of ``prompts``; ``grad=True`` keeps the graph (textual inversion)."""
-    from bench.embedded.tokenizer import tokenize
-
     device = next(model.text_encoder.parameters()).device
     ids = tokenize(model.tokenizer, list(prompts)).to(device)
     with torch.set_grad_enabled(grad):

@@ -15,6 +15,13 @@ import json
 import os
 from pathlib import Path
 
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import snapshot_download
+from transformers.utils import logging as transformers_logging
+
+from bench.catalog import MODELS
 from bench.errors import BenchError
 from bench.files import file_digest
 from bench.interfaces import DiffusionModel, TextToImageModel
@@ -37,7 +44,6 @@ def resolve_folder(source: str) -> Path:
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise BenchError(f"model folder {source} does not exist")
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(
@@ -60,8 +66,6 @@ def _hf_home() -> str:
 
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
     """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
     folder = resolve_folder(source)
     nested = (folder / "unet" / "config.json").exists()
     unet_dir = folder / "unet" if nested else folder
@@ -132,9 +136,6 @@ def pipeline_class(folder: Path) -> str | None:
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-component loading bars from diffusers and transformers: a run prints its own progress."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -149,9 +150,6 @@ def _quiet_loading():
 
 def load_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
     """A ``StableDiffusionPipeline`` folder or hub id, loaded as SD-1.5 is: ``from_pretrained``, no safety checker."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     folder = resolve_folder(source)
     if pipeline_class(folder) != "StableDiffusionPipeline":
         raise BenchError(f"{folder} is not a StableDiffusionPipeline folder (model_index.json names "
@@ -204,8 +202,6 @@ def stable_diffusion_v1_5() -> TextToImageModel:
 
 def load_model(name: str) -> DiffusionModel:
     """A registered model by name, else a local folder or hub id through the generic loader."""
-    from bench.catalog import MODELS
-
     if name in MODELS:
         return MODELS.get(name)()
     if "/" in name or name.startswith(("~", ".")) or Path(name).exists():  # a folder or a hub id

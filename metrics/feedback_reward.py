@@ -23,8 +23,13 @@ from typing import Any
 
 import numpy as np
 
+from bench.alignment import FeedbackReward, feedback_hits
+from bench.embedded.feature_extractor import load_network
+from bench.embedded.feedback import JUDGED, MIN_ALPHA, MIN_AREA, judge
 from bench.errors import BenchError
+from bench.extractors import shapes_digest
 from bench.interfaces import Metric, ReferenceSet
+from metrics.attribute_accuracy import network_folder, predict
 
 KEY_REWARD = "reward"
 KEY_HUMAN = "human_approval"
@@ -42,14 +47,10 @@ class FeedbackRewardMetric(Metric):
         if reference.feature_extractor != "shapes-cnn32":
             raise BenchError(f"feedback-reward scores the embedded text-to-image world (shapes32 data sets), not "
                              f"{reference.name}")
-        from bench.alignment import FeedbackReward
 
         FeedbackReward()  # missing weights: one line before any sampling
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
-        from bench.alignment import FeedbackReward
-        from bench.embedded.feedback import JUDGED, MIN_ALPHA, MIN_AREA
-
         return {
             "reward_model": FeedbackReward().identity(),
             "human": {"judge": "bench.embedded.feedback.judge (pixels and the renderer's palette, no network)",
@@ -60,11 +61,6 @@ class FeedbackRewardMetric(Metric):
         }
 
     def compute(self, ctx) -> dict[str, float]:
-        from bench.alignment import FeedbackReward, feedback_hits
-        from bench.embedded.feedback import JUDGED, judge
-        from metrics.attribute_accuracy import network_folder, predict
-        from bench.embedded.feature_extractor import load_network
-
         if not ctx.prompts or ctx.targets is None:
             raise BenchError("feedback-reward: this run has no prompts with targets")
         rewards = FeedbackReward()(ctx.samples, list(ctx.prompts))
@@ -77,6 +73,4 @@ class FeedbackRewardMetric(Metric):
 
 
 def _digest() -> str:
-    from bench.extractors import shapes_digest
-
     return shapes_digest("feature-net32")

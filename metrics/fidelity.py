@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
 from bench.errors import BenchError
 from bench.extractors import extractor_for
 from bench.interfaces import Metric, ReferenceSet
@@ -59,8 +62,6 @@ class FID(FeatureMetric):
             )
 
     def compute(self, ctx) -> dict[str, float]:
-        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
         info = extractor_for(ctx.reference)
         gen = ctx.sample_features(info.name, info.layer)
         ref = ctx.reference_features(info.name, info.layer, info.digest())
@@ -91,8 +92,6 @@ class KID(FeatureMetric):
             raise BenchError(f"KID needs at least 4 samples (two subsets of two); got --num-samples {spec.num_samples}")
 
     def compute(self, ctx) -> dict[str, float]:
-        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
         info = extractor_for(ctx.reference)
         gen = ctx.sample_features(info.name, info.layer)
         ref = ctx.reference_features(info.name, info.layer, info.digest())

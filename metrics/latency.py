@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench.interfaces import Metric
+from bench.runtime import non_default
 
 
 def timed_batches(n_batches: int, warmup: int) -> range:
@@ -39,8 +40,6 @@ class Latency(Metric):
     summary = "sampling latency per image and per denoiser call (medians), NFE, throughput"
 
     def protocol(self, spec, reference) -> dict[str, Any]:
-        from bench.runtime import non_default
-
         return {
             "batch_size": spec.batch_size,
             "warmup_batches": spec.warmup_batches,

@@ -39,8 +39,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
+from scipy import ndimage
 
-from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, WorldConfig
+from bench.embedded.shapes import (ALL_COLORS, ALL_SHAPES, BACKGROUNDS, COLORS, SHAPES, SIZES, Scene, WorldConfig,
+                                   sample_scene, scene_rng)
+from bench.errors import BenchError
+from bench.images import to_uint8
 
 TRAIN_PROMPT_SEED = 11
 HELDOUT_PROMPT_SEED = 12
@@ -78,8 +83,6 @@ def is_heldout(text: str) -> bool:
 def prompts(split: str, n: int, distinct: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """The first ``n`` prompts of a split ("train": seed 11, "heldout": seed 12): the world's one/two-object mix with
     repeats, or ``distinct`` prompts (mostly two-object ones: there are only 72 one-object prompts in all)."""
-    from bench.embedded.shapes import sample_scene, scene_rng
-
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be train or heldout, got {split!r}")
     seed = TRAIN_PROMPT_SEED if split == "train" else HELDOUT_PROMPT_SEED
@@ -119,8 +122,6 @@ def prompt_text(target: Mapping[str, Any]) -> str:
 # -- the simulated human -----------------------------------------------------------------------------------------------
 def read_scene(image: np.ndarray) -> tuple[str, list[str]]:
     """(background, object colors left to right) of one uint8 [H, W, 3] image, from its pixels."""
-    from scipy import ndimage
-
     img = image.astype(np.float64)
     ring = np.concatenate([img[0], img[-1], img[1:-1, 0], img[1:-1, -1]])
     b = int(np.argmin(((BACKDROPS - np.median(ring, 0)) ** 2).sum(1)))
@@ -202,10 +203,6 @@ class RewardNet(nn.Module):
 
 
 def load_reward_net(folder: Path) -> RewardNet:
-    from safetensors.torch import load_file
-
-    from bench.errors import BenchError
-
     try:
         config = json.loads((Path(folder) / REWARD_CONFIG).read_text())
         net = RewardNet(config["width"])
@@ -219,8 +216,6 @@ def load_reward_net(folder: Path) -> RewardNet:
 @torch.no_grad()
 def decode(model, latents: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """uint8 [N, 3, H, W] images of scaled latents, rounded as the runner rounds samples."""
-    from bench.images import to_uint8
-
     vae = model.vae
     param = next(vae.parameters())
     out = []

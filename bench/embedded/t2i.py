@@ -38,7 +38,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
 from bench.embedded.shapes import WorldConfig
+from bench.embedded.tokenizer import load, write_tokenizer_files
+from bench.embedded.tokenizer import train as convert_tokenizer
 
 T2I_SEED = 6  # scenes the VAE and the UNet train on
 HELDOUT_SEED = 97  # scenes the VAE's reconstruction error is measured on
@@ -102,36 +107,23 @@ SD15_SCHEDULER_CONFIG = dict(
 
 
 def build_vae(config: dict = VAE_CONFIG):
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(**config)
 
 
 def build_text_encoder(config: dict = TEXT_CONFIG):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     return CLIPTextModel(CLIPTextConfig(**config))
 
 
 def build_unet(config: dict = UNET_CONFIG):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(**config)
 
 
 def build_scheduler():
-    from diffusers import PNDMScheduler
-
     return PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
 
 
 def save_pipeline(out_dir: Path, vae, text_encoder, unet, scheduler=None) -> Path:
     """Write a StableDiffusionPipeline folder in SD-1.5's layout (tokenizer as vocab.json + merges.txt)."""
-    from diffusers import StableDiffusionPipeline
-
-    from bench.embedded.tokenizer import load, write_tokenizer_files
-    from bench.embedded.tokenizer import train as convert_tokenizer
-
     out_dir = Path(out_dir)
     tmp_tok = out_dir / "tokenizer"
     write_tokenizer_files(tmp_tok)
