@@ -16,7 +16,8 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
-import importlib.util
+import importlib.machinery
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib.metadata import entry_points
@@ -54,13 +55,34 @@ def load_target(target: str) -> Any:
 
 
 # -- reading a class's name, summary and paper from its source, without importing it -----------------------------------
+def _find_spec_without_importing(module_name: str):
+    """The module's spec, located package by package on sys.path: no package ``__init__`` runs (importlib.util.find_spec
+    would import the parents); a module already imported answers from sys.modules."""
+    if module_name in sys.modules:
+        return getattr(sys.modules[module_name], "__spec__", None)
+    spec, path = None, None
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        if name in sys.modules:
+            spec = getattr(sys.modules[name], "__spec__", None)
+        else:
+            try:
+                spec = importlib.machinery.PathFinder.find_spec(name, path)
+            except (ImportError, ValueError):
+                return None
+        if spec is None:
+            return None
+        path = spec.submodule_search_locations
+        if i < len(parts) - 1 and path is None:
+            return None
+    return spec
+
+
 @lru_cache(maxsize=None)
 def _module_source(module_name: str) -> tuple[ast.Module, str] | None:
     """The parsed source of a module and its package (for relative imports); None when it has no readable source."""
-    try:
-        spec = importlib.util.find_spec(module_name)  # imports the parent packages only (bench, methods, metrics: light)
-    except (ImportError, ValueError):
-        return None
+    spec = _find_spec_without_importing(module_name)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     package = module_name if spec.submodule_search_locations is not None else module_name.rpartition(".")[0]
