@@ -18,6 +18,7 @@ from typing import Any
 from bench.clip import EMBEDDED_BACKBONE, SCALE, clip_scores, load_clip, preflight, weights_digest
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY = "clip_score"
 
@@ -25,6 +26,10 @@ KEY = "clip_score"
 class CLIPScore(Metric):
     name = "clip-score"
     summary = "CLIP score 100*max(cos,0) (torchmetrics scale) via clip-anytorch; the data set names the backbone"
+    outputs = (
+        Output(KEY, "CLIP score", "higher", ".3f", "clip-score"),
+        Output(f"{KEY}_std", "CLIP score std over images", "none", ".3f", "clip-score", None),
+    )
     needs_prompts = True
 
     def check(self, spec, reference: ReferenceSet) -> None:

@@ -29,6 +29,7 @@ from bench.embedded.feedback import JUDGED, MIN_ALPHA, MIN_AREA, judge
 from bench.errors import BenchError
 from bench.extractors import shapes_digest
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 from metrics.attribute_accuracy import network_folder, predict
 
 KEY_REWARD = "reward"
@@ -40,6 +41,12 @@ class FeedbackRewardMetric(Metric):
     name = "feedback-reward"
     summary = ("the feedback world's rewards: the learned reward model's mean P(approved), the simulated human's approval, "
                "the feature network's accuracy on the judged attributes")
+    outputs = (
+        Output(KEY_REWARD, "reward model P(approved)", "higher", ".3f", "feedback-reward"),
+        Output(KEY_HUMAN, "simulated human approval", "higher", ".3f", "feedback-reward"),
+        Output("human_*", "simulated human, per attribute", "higher", ".3f", "feedback-reward"),
+        Output(KEY_ACCURACY, "feedback accuracy (shapes-cnn32 heads)", "higher", ".3f", "feedback-reward"),
+    )
     needs_prompts = True
     needs_targets = True
 

@@ -17,6 +17,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from bench.errors import BenchError
 from bench.extractors import extractor_for
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY_FID = "fid"
 KEY_KID_MEAN = "kid_mean"
@@ -51,6 +52,7 @@ class FeatureMetric(Metric):
 class FID(FeatureMetric):
     name = "fid"
     summary = "Frechet distance between feature Gaussians (Heusel et al. 2017), via torch-fidelity"
+    outputs = (Output(KEY_FID, "FID", "lower", ".3f", "fid", 0.10),)
 
     def check(self, spec, reference: ReferenceSet) -> None:
         super().check(spec, reference)
@@ -76,6 +78,10 @@ def kid_subset_size(num_samples: int) -> int:
 class KID(FeatureMetric):
     name = "kid"
     summary = "Kernel distance, unbiased at small N (Binkowski et al. 2018), mean and std over subsets"
+    outputs = (
+        Output(KEY_KID_MEAN, "KID x 1e3", "lower", ".3f", "kid", 0.25, scale=1e3),
+        Output(KEY_KID_STD, "KID std over subsets x 1e3", "none", ".3f", "kid", None, scale=1e3),
+    )
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         return {
