@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from bench import sampling
 from bench.errors import BenchError
 from bench.interfaces import Batch, EditItem, MethodCard
+from bench.validate import check_bool
 from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number, check_edits
 
 
@@ -59,8 +60,7 @@ class P2PArgs(EditArgs):
         for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
             check_number(name, getattr(self, name), 0.0, 1.0)
         check_number("reweight", self.reweight, 0.0)
-        if not isinstance(self.local_blend, bool):
-            raise ValueError(f"--local-blend must be true or false, got {self.local_blend!r}")
+        check_bool("local_blend", self.local_blend)
 
 
 # -- words and tokens ------------------------------------------------------------------------------------------------
