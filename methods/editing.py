@@ -195,11 +195,9 @@ class LatentEditor(EditMethod):
         if not torch.equal(up.cpu(), timesteps.flip(0).cpu()):
             raise BenchError("DDIM inversion needs the inverse scheduler's timesteps to be the sampler's, reversed "
                              f"(timestep spacing {inverse.config.timestep_spacing!r} gives {up[:3].tolist()}...)")
-        x, path = z0, [z0]
-        for t in up:
-            eps = denoiser(x, t, encoder_hidden_states=cond_src)  # guidance 1: the pivot of null-text inversion
-            x = inverse.step(eps, t, x).prev_sample
-            path.append(x)
+        # guidance 1 (the conditional branch alone): the pivot of null-text inversion
+        path = sampling.denoise(inverse, z0, lambda x, t, k: denoiser(x, t, encoder_hidden_states=cond_src),
+                                timesteps=up, record=True).latents
         return path[::-1]
 
     def null_text_inversion(self, denoiser, trajectory: Trajectory, cond: torch.Tensor,
