@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.denoiser import CountingDenoiser, sample_seed
 from bench.errors import BenchError
 from methods.ddim import DDIM
@@ -11,7 +13,7 @@ from methods.ddpm import DDPM
 
 def generate(method, model, seeds, steps):
     denoiser = CountingDenoiser(model.unet, torch.device("cpu"))
-    out = method.generate(model, seeds, steps, denoiser)
+    out = method.generate(model, Batch(tuple(seeds), steps), denoiser)
     return out, denoiser
 
 
