@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+import torch_fidelity.utils
 
 from bench.extractors import ensure_registered
 from bench.files import cache_dir
@@ -94,7 +94,7 @@ class EvalContext:
         key = (name, layer)
         if key not in self._extractors:
             ensure_registered()
-            self._extractors[key] = create_feature_extractor(
+            self._extractors[key] = torch_fidelity.utils.create_feature_extractor(
                 name, [layer], cuda=self.device.type == "cuda", verbose=False
             )
         return self._extractors[key]
@@ -102,7 +102,7 @@ class EvalContext:
     def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
         fe = self.extractor(name, layer)
         with metric_threads():
-            feats = get_featuresdict_from_dataset(
+            feats = torch_fidelity.utils.get_featuresdict_from_dataset(
                 dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
             )
         return feats[layer].double()

@@ -34,8 +34,8 @@ FIELDS = ("name", "summary", "paper")
 class Entry:
     name: str
     target: str  # "module:attr"
-    summary: str
-    paper: str = ""
+    summary: str | None  # None until read from the source (Registry.entry)
+    paper: str | None = ""
     source: str = "builtin"  # or the distribution that provided it through an entry point
 
 
@@ -185,9 +185,7 @@ class Registry(Generic[T]):
     group: str  # entry-point group
     base: type | str | None = None  # loaded objects must be subclasses (classes) or instances of this ("module:attr": lazy)
     targets: Mapping[str, str] = field(default_factory=dict)  # the built-in entries: name -> "module:attr"
-    _targets: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (target, source)
-    _given: dict[str, Entry] = field(default_factory=dict)  # entries registered with their metadata spelled out
-    _entries: dict[str, Entry] = field(default_factory=dict)
+    _entries: dict[str, Entry] = field(default_factory=dict)  # summary None: read from the source when first asked
     _loaded: dict[str, Any] = field(default_factory=dict)
     _plugins_scanned: bool = False
 
@@ -198,13 +196,11 @@ class Registry(Generic[T]):
     def register(self, name: str, target: str, summary: str | None = None, paper: str | None = None,
                  source: str = "builtin") -> None:
         """Register ``name``; summary and paper default to the ones written on the target (read lazily)."""
-        if name in self._targets:
+        if name in self._entries:
             raise ValueError(
-                f"{self.kind} {name!r} is registered twice: {self._targets[name][0]} and {target}"
+                f"{self.kind} {name!r} is registered twice: {self._entries[name].target} and {target}"
             )
-        self._targets[name] = (target, source)
-        if summary is not None:
-            self._given[name] = Entry(name, target, summary, paper or "", source)
+        self._entries[name] = Entry(name, target, summary, (paper or "") if summary is not None else None, source)
 
     def _scan_plugins(self) -> None:
         if self._plugins_scanned:
@@ -216,7 +212,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         self._scan_plugins()
-        return sorted(self._targets)
+        return sorted(self._entries)
 
     def entries(self) -> Iterator[Entry]:
         for name in self.names():
@@ -224,17 +220,16 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: str) -> bool:
         self._scan_plugins()
-        return name in self._targets
+        return name in self._entries
 
     def entry(self, name: str) -> Entry:
         self._scan_plugins()
-        if name in self._given:
-            return self._given[name]
-        if name not in self._entries:
-            try:
-                target, source = self._targets[name]
-            except KeyError:
-                raise UnknownName(self.unknown_message(name)) from None
+        try:
+            entry = self._entries[name]
+        except KeyError:
+            raise UnknownName(self.unknown_message(name)) from None
+        if entry.summary is None:
+            target, source = entry.target, entry.source
             meta = static_metadata(target)
             self._entries[name] = Entry(name, target, meta.get("summary") or meta.get("docstring", ""),
                                         meta.get("paper", ""), source)
@@ -246,11 +241,11 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         text = str(name)
-        folded = {n.lower(): n for n in self._targets}  # DDIM -> ddim: case is the likeliest slip
+        folded = {n.lower(): n for n in self._entries}  # DDIM -> ddim: case is the likeliest slip
         close = ([folded[text.lower()]] if text.lower() in folded
                  else [folded[c] for c in difflib.get_close_matches(text.lower(), folded, n=1, cutoff=0.5)])
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._targets))})"
+        return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})"
 
     def get(self, name: str) -> T:
         """Import and return the object registered under ``name``, checking its type."""
