@@ -8,15 +8,16 @@ from typing import Any, Mapping
 import torch
 
 from bench import sampling
+from bench.embedded.noisy_classifier import HEADS, load
 from bench.errors import BenchError
+from bench.files import file_digest
 from bench.interfaces import Batch, DiffusionModel, MethodCard
+from bench.models import EMBEDDED_WEIGHTS
 from bench.validate import check_option
 from methods.sampling import SamplerArgs, SchedulerSampler
 
 
 def classifier_folder():
-    from bench.models import EMBEDDED_WEIGHTS
-
     return EMBEDDED_WEIGHTS / "noisy-classifier"
 
 
@@ -30,7 +31,6 @@ class ClassifierGuidanceArgs(SamplerArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from bench.embedded.noisy_classifier import HEADS
 
         for head in HEADS:
             value = getattr(self, f"target_{head}")
@@ -39,8 +39,6 @@ class ClassifierGuidanceArgs(SamplerArgs):
         check_option("classifier_scale", self.classifier_scale, 0)
 
     def targets(self) -> dict[str, str]:
-        from bench.embedded.noisy_classifier import HEADS
-
         out = {}
         for head in HEADS:
             value = getattr(self, f"target_{head}")
@@ -94,8 +92,6 @@ class ClassifierGuidance(SchedulerSampler):
                              f"rebuild it with `bench embedded train noisy-classifier`")
 
     def protocol(self, model: DiffusionModel) -> dict[str, Any]:
-        from bench.files import file_digest
-
         folder = classifier_folder()
         return {**super().protocol(model), "classifier": "embedded noisy-classifier",
                 "classifier_digest": file_digest([folder / "model.safetensors", folder / "config.json"]),
@@ -112,8 +108,6 @@ class ClassifierGuidance(SchedulerSampler):
 
     @torch.no_grad()
     def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
-        from bench.embedded.noisy_classifier import HEADS, load
-
         scheduler = self.make_scheduler(model)
         scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())

@@ -24,12 +24,19 @@ the one the paper recommends for combining separately trained concepts.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+from safetensors.torch import load_file
 
+from bench.embedded.shapes import WorldConfig, make_scenes
+from bench.embedded.t2i import T2I_SEED
+from bench.embedded.tokenizer import tokenize
+from bench.finetune import encode_prompts
 from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject
 from bench.validate import check_bool
@@ -69,8 +76,6 @@ def cross_attention_layers(unet: Any) -> dict[str, Any]:
 
 def custom_processors(unet: Any) -> dict[str, Any]:
     """CustomDiffusionAttnProcessor everywhere (save_attn_procs needs it): K, V trained copies in cross-attention."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-
     cross = cross_attention_layers(unet)
     procs = {name: CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False) for name in unet.attn_processors
              if name not in cross}
@@ -157,7 +162,6 @@ class CustomDiffusion(PersonalizationMethod):
         """With --merge: one model for every subject (its prior drift is the one measured then)."""
         if not self.args.merge or len(subjects) < 2:
             return {}
-        import time
 
         t0 = time.perf_counter()
         self.merged = self.merge(model, subjects)
@@ -168,11 +172,6 @@ class CustomDiffusion(PersonalizationMethod):
 
     def merge(self, model: DiffusionModel, subjects: Sequence[Subject]) -> dict[str, Any]:
         """One set of processors for every subject (eq. 5 for each cross-attention W_k and W_v)."""
-        from bench.embedded.shapes import WorldConfig, make_scenes
-        from bench.embedded.t2i import T2I_SEED
-        from bench.embedded.tokenizer import tokenize
-        from bench.finetune import encode_prompts
-
         captions = [s.caption for s in make_scenes(T2I_SEED, range(REG_CAPTIONS), WorldConfig(32, 2, "train"))] \
             if model.embedded else [p for s in subjects for p in s.class_prompts]
         reg = encode_prompts(model, captions).reshape(-1, model.text_encoder.config.hidden_size)
@@ -220,9 +219,6 @@ def load(pipeline: Any, folder: Path) -> None:
     processors are built here as ``_process_custom_diffusion`` builds them: K/V ones from the file, plain
     CustomDiffusionAttnProcessor for the others.
     """
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     pipeline.load_textual_inversion(str(folder / EMBEDS_FILE))
     state = load_file(str(folder / CD_FILE))

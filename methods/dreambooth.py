@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from bench.errors import BenchError
 from bench.interfaces import DiffusionModel, MethodCard
@@ -105,7 +106,5 @@ class DreamBooth(PersonalizationMethod):
 
 def load(pipeline: Any, folder: Path) -> None:
     """Put a saved subject's UNet into a ``StableDiffusionPipeline`` of the base model."""
-    from diffusers import UNet2DConditionModel
-
     unet = UNet2DConditionModel.from_pretrained(Path(folder) / UNET_FOLDER, use_safetensors=True)
     pipeline.unet.load_state_dict(unet.state_dict())

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 
 from bench import sampling
@@ -134,8 +135,6 @@ class LatentEditor(EditMethod):
     @staticmethod
     def encode_images(model: DiffusionModel, items: Sequence[EditItem]) -> torch.Tensor:
         """Source images -> latents: the VAE posterior's mean times its scaling factor."""
-        import numpy as np
-
         param = next(model.vae.parameters())
         x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         expected = tuple(model.sample_shape[1:])

@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
 from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject
@@ -78,8 +82,6 @@ class LoRA(PersonalizationMethod):
         check_identifier(model, self.args.identifier)
 
     def config(self):
-        from peft import LoraConfig
-
         return LoraConfig(r=self.args.rank, lora_alpha=self.args.alpha, init_lora_weights="gaussian",
                           target_modules=list(TARGET_MODULES))
 
@@ -96,10 +98,6 @@ class LoRA(PersonalizationMethod):
         return params
 
     def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
         name = adapter_name(subject)
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,

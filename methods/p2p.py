@@ -35,12 +35,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor
 
 from bench import sampling
 from bench.errors import BenchError
 from bench.interfaces import Batch, EditItem, MethodCard
 from bench.validate import check_bool
-from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number, check_edits
+from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_edits, check_number
 
 
 @dataclass(frozen=True)
@@ -198,8 +199,6 @@ class ControlledAttnProcessor:
     """diffusers' ``AttnProcessor`` (probabilities made explicit), with the controller applied to the probabilities."""
 
     def __init__(self, controller: Any, name: str):
-        from diffusers.models.attention_processor import AttnProcessor
-
         self.controller, self.name, self.inner = controller, name, AttnProcessor()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):

@@ -40,14 +40,20 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from bench.denoiser import CountingDenoiser, sample_seed
 from bench.errors import BenchError
-from bench.finetune import Budget, BudgetMeter, diffusion_loss, encode_images, encode_prompts, sample_latents, \
-    saved_bytes, trainable_parameters, training_scheduler
+from bench.files import cache_dir
+from bench.finetune import (Budget, BudgetMeter, diffusion_loss, encode_images, encode_prompts, sample_latents,
+                            saved_bytes, trainable_parameters, training_scheduler)
+from bench.images import to_uint8
 from bench.interfaces import Batch, DiffusionModel
-from bench.validate import check_bool, check_option
 from bench.personalization import PersonalizationSet, Subject, load_personalization_set, subject_of
+from bench.spec import stable_hash
+from bench.validate import check_bool, check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
+from metrics.personalization import frechet_distance, heldout_rate
 
 DRIFT_OFFSET = 1_000_000
 CLASS_IMAGE_OFFSET = 2_000_000
@@ -279,11 +285,6 @@ class PersonalizationMethod(LatentTextToImage):
         ``cached``: the untouched model's samples are a pure function of the model's digest, the prompts, the
         seeds and the sampler, so they are kept on disk under a key of all of them (a sweep makes them once).
         """
-        from bench.denoiser import CountingDenoiser, sample_seed
-        from bench.files import cache_dir
-        from bench.images import to_uint8
-        from bench.spec import stable_hash
-
         seeds = [sample_seed(spec.seed, offset + i) for i in range(n)]
         prompts = [subject.class_prompts[i % len(subject.class_prompts)] for i in range(n)]
         device = next(model.unet.parameters()).device
@@ -312,8 +313,6 @@ class PersonalizationMethod(LatentTextToImage):
 
     def prior_drift(self, model, reference, subjects, spec, base_class, per_subject) -> dict[str, float]:
         """FID(class samples before, after) per subject in the data set's features; the mean over subjects."""
-        from metrics.personalization import frechet_distance, heldout_rate
-
         drifts, rates, base_rates = [], [], []
         for subject in subjects:
             with self.activate(model, subject):
@@ -405,7 +404,5 @@ class NewTokens:
 
     def save(self, token: str, path: Path) -> None:
         """diffusers' textual-inversion file: {token: [1, dim]} (``load_textual_inversion`` reads it)."""
-        from safetensors.torch import save_file
-
         i = self.ids[token]
         save_file({token: self.weight[i : i + 1].detach().cpu().clone().contiguous()}, str(path))
