@@ -50,7 +50,7 @@ def test_ddpm_variance_override_reaches_the_scheduler(tiny_model):
 
 
 @pytest.mark.parametrize("cls, values, message", [
-    (DDIM, {"eta": 1.5}, "eta must be in"),
+    (DDIM, {"eta": 1.5}, r"eta must be a finite number in \[0.0, 1.0\]"),
     (DDIM, {"timestep_spacing": "sideways"}, "timestep-spacing"),
     (DDIM, {"etta": 0.1}, "has no option etta"),
     (DDPM, {"variance_type": "learned"}, "variance-type"),
