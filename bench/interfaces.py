@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
+from bench.claim import Claim
 from bench.errors import BenchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,6 +122,7 @@ class Method(ABC):
     text_conditioned: ClassVar[bool] = False  # True: generate() takes the prompts of its samples
     conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit": which contract tests apply
     default_dataset: ClassVar[str | None] = None  # used instead of the spec's default data set, if set
+    claims: ClassVar[tuple[Claim, ...]] = ()  # the paper's claims, decided by `bench claims` (bench/claims.py)
 
     def __init__(self, args: Any):
         self.args = args
