@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from bench.claim import Arm, Claim
@@ -172,11 +172,13 @@ def select_claims(methods: Sequence[str] | None = None, registry: Any = None) ->
 
 
 def plan_claims(claims: Sequence[ClaimRef], quick: bool = False, base: RunSpec | None = None,
-                method_class: Callable[[str], Any] | None = None) -> ClaimPlan:
+                method_class: Callable[[str], Any] | None = None, num_samples: int | None = None,
+                seeds: Sequence[int] | None = None) -> ClaimPlan:
     """Expand each claim's arms into one run per seed; identical specs (across claims too) become one run.
 
     ``method_class(name)`` gives the method's class for the cost estimate (training steps, calls per step); None
-    looks it up in the registry. Nothing is loaded or run.
+    looks it up in the registry. ``num_samples`` / ``seeds`` override every arm's (the default test suite runs
+    the declared claims at a tiny size). Nothing is loaded or run.
     """
     if method_class is None:
         from bench.catalog import METHODS
@@ -188,7 +190,9 @@ def plan_claims(claims: Sequence[ClaimRef], quick: bool = False, base: RunSpec |
         per_arm = []
         for _, arm in ref.claim.arms:
             keyed = []
-            for seed in arm_seeds(arm, quick):
+            if num_samples is not None:
+                arm = replace(arm, num_samples=num_samples, quick_num_samples=num_samples, batch_size=None)
+            for seed in (tuple(seeds) if seeds is not None else arm_seeds(arm, quick)):
                 spec = arm_spec(arm, seed, quick, base)
                 key = spec_key(spec)
                 if key not in runs:

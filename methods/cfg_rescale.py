@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.claim import Claim, text_to_image
+from bench.claim import Arm, Claim, text_to_image
 from bench.interfaces import MethodCard
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
@@ -48,6 +48,16 @@ class CFGRescale(LatentTextToImage):
               (("rescale s=8", text_to_image("cfg-rescale", guidance=8.0, guidance_rescale=0.7)),
                ("cfg s=8", text_to_image("cfg", guidance=8.0))), "less",
               note="the embedded model is epsilon-prediction without zero terminal SNR"),
+        Claim("zero-terminal-snr-reaches-darker", "with zero terminal SNR (v-prediction, trailing timesteps) the "
+              "darkest samples get darker: the standard schedule cannot reach black backgrounds", "Lin et al. 2023, "
+              "section 3 and Figure 1 (verify): SD's schedule leaks signal at t = T and cannot make very dark "
+              "images", "brightness_p01",
+              (("zero SNR", Arm("ddim", 50, {"timestep_spacing": "trailing"}, model="embedded-ddpm-zsnr",
+                                dataset="shapes16", num_samples=1000, seeds=(0, 1, 2), quick_num_samples=128,
+                                quick_seeds=(0, 1), metrics=("brightness",))),
+               ("standard", Arm("ddim", 50, model="embedded-ddpm", dataset="shapes16", num_samples=1000,
+                                seeds=(0, 1, 2), quick_num_samples=128, quick_seeds=(0, 1),
+                                metrics=("brightness",)))), "less"),
     )
 
     def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,8 @@ def add_parser(sub, argv: list[str]) -> None:
     )
     p.add_argument("--method", action="append", metavar="M", type=options.comma_list,
                    help="only the claims of these methods (repeatable or comma-separated; default: every method)")
+    p.add_argument("--claim", action="append", metavar="ID", type=options.comma_list,
+                   help="only these claims (their id, or method/id; repeatable or comma-separated)")
     p.add_argument("--quick", action="store_true",
                    help="each arm at its quick size (fewer samples and seeds; the default test suite uses it)")
     p.add_argument("--plan", "--dry-run", dest="plan", action="store_true",
@@ -46,6 +48,17 @@ def run(args) -> int:
 
     methods = [m for group in (args.method or []) for m in group]
     refs = select_claims(methods or None)
+    wanted = [c for group in (args.claim or []) for c in group]
+    if wanted:
+        known = {r.qualified for r in refs} | {r.claim.id for r in refs}
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else " (bench claims --plan lists them)"
+            raise BenchError(f"unknown claim {unknown[0]!r}{hint}")
+        refs = [r for r in refs if r.qualified in wanted or r.claim.id in wanted]
     if not refs:
         raise BenchError(f"no claims are declared by {', '.join(methods) or 'any method'}")
     base = RunSpec(device=args.device or "auto", experiment=args.experiment or "diffbench")
