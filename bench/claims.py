@@ -521,21 +521,29 @@ def record(verdicts: Sequence[Verdict], tracker, plan: ClaimPlan, execution: Exe
     return tracked.run_id
 
 
-def latest_verdicts(tracker) -> tuple[list[dict[str, Any]], Any] | None:
-    """The table of the newest FINISHED claims run of the experiment (rows as ``Verdict.to_dict``) and its run,
-    or None if there is none."""
+def latest_verdicts(tracker, experiment: str | None = "") -> tuple[list[dict[str, Any]], Any] | None:
+    """The table of the newest FINISHED claims run (rows as ``Verdict.to_dict``) and its run, or None if there is
+    none. ``experiment``: "" the tracker's, None every experiment of the store, else that one."""
     import tempfile
 
-    if tracker._experiment_id is None:
-        tracker.check()
-    runs = tracker.client.search_runs(
-        [tracker._experiment_id],
-        filter_string=f"tags.{CLAIMS_RUN_TAG} = 'verdicts' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+    client = tracker.client
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    elif experiment:
+        found = client.get_experiment_by_name(experiment)
+        ids = [found.experiment_id] if found else []
+    else:
+        if tracker._experiment_id is None:
+            tracker.check()
+        ids = [tracker._experiment_id]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=f"tags.{CLAIMS_RUN_TAG} = 'verdicts' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        path = tracker.client.download_artifacts(runs[0].info.run_id, "claims.json", tmp)
+        path = client.download_artifacts(runs[0].info.run_id, "claims.json", tmp)
         with open(path) as fh:
             return json.load(fh), runs[0]
 

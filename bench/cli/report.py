@@ -34,9 +34,13 @@ def run(args) -> int:
     out = Path(args.out or f"reports/report.{fmt}")
     selection = selection_from_args(args)
     runs = fetch_runs(args.tracking_uri, selection)
+    from bench.claims import latest_verdicts
+
     tracker = Tracker(args.tracking_uri)
+    latest = latest_verdicts(tracker, selection.experiment)  # the verdicts of the newest `bench claims` run
     data = report.build(runs, args.metric, tracker.client, tracker.uri, args.title,
-                        f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}")
+                        f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}",
+                        verdicts=latest[0] if latest else None)
     report.write(data, out, fmt)
     print(f"report: {out} ({out.stat().st_size / 1024:.0f} KiB, {len(data.board)} configurations, "
           f"{len(runs)} runs)")
