@@ -253,7 +253,8 @@ def _arm_text(arm: Arm, quick: bool) -> str:
     steps = arm.quick_steps if quick and arm.quick_steps is not None else arm.steps
     seeds = arm_seeds(arm, quick)
     return (f"{arm.method}{'(' + opts + ')' if opts else ''} {steps} steps"
-            f"{' on ' + arm.model if arm.model else ''}, n={n or 'default'}, {len(seeds)} seed{'s' * (len(seeds) != 1)}")
+            f"{' on ' + arm.model if arm.model else ''}, n={n or 'default'}, "
+            f"{len(seeds)} seed{'s' * (len(seeds) != 1)}")
 
 
 # -- verdicts -------------------------------------------------------------------------------------------------
@@ -538,7 +539,8 @@ def latest_verdicts(tracker, experiment: str | None = "") -> tuple[list[dict[str
         ids = [tracker._experiment_id]
     if not ids:
         return None
-    runs = client.search_runs(ids, filter_string=f"tags.{CLAIMS_RUN_TAG} = 'verdicts' and attributes.status = 'FINISHED'",
+    wanted = f"tags.{CLAIMS_RUN_TAG} = 'verdicts' and attributes.status = 'FINISHED'"
+    runs = client.search_runs(ids, filter_string=wanted,
                               order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         return None

@@ -33,7 +33,8 @@ def add_parser(sub, argv: list[str]) -> None:
     p.add_argument("--no-reuse", action="store_true", help="make every run even if MLflow has a FINISHED one")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--experiment", help="MLflow experiment (default: diffbench)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--tracking-uri",
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--output", default="bench-runs/claims", help="folder of the claims table (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
