@@ -86,9 +86,9 @@ PIXEL_METRICS = ("fid", "latency")
 T2I_METRICS = ("fid", "attribute-accuracy", "latency")
 
 
-def pixel(method: str, steps: int, quick_num_samples: int = 128, quick_seeds: tuple[int, ...] = (0, 1),
+def pixel(method: str, steps: int, quick_num_samples: int = 96, quick_seeds: tuple[int, ...] = (0, 1),
           **options: Any) -> Arm:
-    """A sampler on the embedded pixel DDPM against shapes16: 1000 samples x 3 seeds (--quick: 128 x 2)."""
+    """A sampler on the embedded pixel DDPM against shapes16: 1000 samples x 3 seeds (--quick: 96 x 2)."""
     return Arm(method, steps, dict(options), model="embedded-ddpm", dataset="shapes16", num_samples=1000,
                seeds=(0, 1, 2), quick_num_samples=quick_num_samples, quick_seeds=quick_seeds, metrics=PIXEL_METRICS)
 

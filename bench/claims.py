@@ -39,6 +39,8 @@ MS_PER_SAMPLE_CALL = {"embedded-ddpm": 1.0, "embedded-ddpm-zsnr": 1.0}
 MS_PER_SAMPLE_CALL_DEFAULT = 6.0  # the embedded text-to-image model (latents, text encoder, decoder)
 SECONDS_PER_RUN = 4.0
 SECONDS_PER_TRAIN_STEP = 0.15  # methods that train in prepare (personalization, alignment): per optimizer step
+# denoiser calls per step and sample beyond one (second-order steps; a classifier's gradient counted as two calls)
+CALLS_PER_STEP = {"heun": 2.0, "kdpm2": 2.0, "classifier-guidance": 3.0, "null-text-inversion": 4.0}
 
 
 # -- planning -------------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def _train_steps(method_cls: Any, options: Mapping[str, Any]) -> int:
 def _calls_per_step(method_cls: Any, options: Mapping[str, Any]) -> float:
     import dataclasses
 
-    calls = float(getattr(method_cls, "calls_per_step", 1.0))
+    calls = float(getattr(method_cls, "calls_per_step", CALLS_PER_STEP.get(getattr(method_cls, "name", ""), 1.0)))
     try:
         names = {f.name: f for f in dataclasses.fields(method_cls.Args)}
     except TypeError:

@@ -53,10 +53,10 @@ class CFGRescale(LatentTextToImage):
               "section 3 and Figure 1 (verify): SD's schedule leaks signal at t = T and cannot make very dark "
               "images", "brightness_p01",
               (("zero SNR", Arm("ddim", 50, {"timestep_spacing": "trailing"}, model="embedded-ddpm-zsnr",
-                                dataset="shapes16", num_samples=1000, seeds=(0, 1, 2), quick_num_samples=128,
+                                dataset="shapes16", num_samples=1000, seeds=(0, 1, 2), quick_num_samples=96,
                                 quick_seeds=(0, 1), metrics=("brightness",))),
                ("standard", Arm("ddim", 50, model="embedded-ddpm", dataset="shapes16", num_samples=1000,
-                                seeds=(0, 1, 2), quick_num_samples=128, quick_seeds=(0, 1),
+                                seeds=(0, 1, 2), quick_num_samples=96, quick_seeds=(0, 1),
                                 metrics=("brightness",)))), "less"),
     )
 
