@@ -158,6 +158,20 @@ def test_every_registered_method_declares_a_claim(name):
             METHODS.get(arm.method).parse_args({**arm.options, **arm.quick_options})
 
 
+def test_every_claim_metric_is_a_declared_output():
+    """A claim names a value some metric declares (bench.outputs): a renamed key fails here, not in `bench claims`."""
+    import bench.outputs
+
+    lookup = getattr(bench.outputs, "lookup", None)
+    if lookup is None:
+        pytest.skip("metrics do not declare their outputs yet")
+    from bench.catalog import METHODS
+
+    missing = [f"{name}/{c.id}: {c.metric}" for name in registered() for c in METHODS.get(name).claims
+               if lookup(c.metric) is None]
+    assert not missing, missing
+
+
 def test_unknown_method_is_exit_2_with_a_suggestion(capsys):
     from bench.cli.main import main
 
