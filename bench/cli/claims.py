@@ -16,7 +16,7 @@ def add_parser(sub, argv: list[str]) -> None:
         "numbers, the runs, the metric, the relation and the tolerance rule). This command plans the runs they need "
         "(identical runs shared between claims), reuses FINISHED MLflow runs of the same protocol hash, makes the "
         "missing ones with the normal runner, prints one verdict per claim (holds, does not hold, not measured) with "
-        "the values and 95%% intervals over seeds, and records the verdicts as an MLflow run named 'claims'. "
+        "the values and 95% intervals over seeds, and records the verdicts as an MLflow run named 'claims'. "
         "Examples: bench claims --quick --plan; bench claims --method ddim --quick; bench claims --markdown. "
         "Exit code: 0 when every claim was measured (whatever its verdict), 1 if a run failed, 2 on bad input.",
     )
