@@ -144,7 +144,7 @@ def registered():
 
 @pytest.mark.parametrize("name", registered())
 def test_every_registered_method_declares_a_claim(name):
-    from bench.catalog import METHODS
+    from bench.catalog import METHODS, METRICS
 
     claims = METHODS.get(name).claims
     why = " (declared with the alignment and DiffEdit fixes of issue 13)" if name in FROM_PACKAGE_E else ""
@@ -156,6 +156,8 @@ def test_every_registered_method_declares_a_claim(name):
         for _, arm in claim.arms:
             assert arm.method in METHODS, f"{name}/{claim.id}: unknown method {arm.method!r}"
             METHODS.get(arm.method).parse_args({**arm.options, **arm.quick_options})
+            for metric in arm.metrics or ():
+                assert metric in METRICS, f"{name}/{claim.id}: unknown metric {metric!r}"
 
 
 def test_every_claim_metric_is_a_declared_output():
