@@ -495,6 +495,13 @@ def execute_plan(plan: ClaimPlan, tracker, progress: bool = True, log: Callable[
     return out
 
 
+def tag_key(method: str, claim_id: str) -> str:
+    """``claim.<method>.<id>`` in the characters MLflow allows in a tag key ("dpmsolver++" -> "dpmsolver__")."""
+    import re
+
+    return re.sub(r"[^\w\-./ ]", "_", f"claim.{method}.{claim_id}")
+
+
 def record(verdicts: Sequence[Verdict], tracker, plan: ClaimPlan, execution: Execution, workdir) -> str | None:
     """One MLflow run ``claims``: a tag per claim, counts as metrics, the table as JSON and CSV artifacts."""
     import csv
@@ -510,7 +517,7 @@ def record(verdicts: Sequence[Verdict], tracker, plan: ClaimPlan, execution: Exe
         writer.writeheader()
         writer.writerows(rows)
     tags = {CLAIMS_RUN_TAG: "verdicts", "quick": str(plan.quick).lower()}
-    tags.update({f"claim.{v.method}.{v.claim.id}": v.verdict for v in verdicts})
+    tags.update({tag_key(v.method, v.claim.id): v.verdict for v in verdicts})
     params = {"methods": ",".join(sorted({v.method for v in verdicts})), "quick": plan.quick,
               "claims": len(verdicts), "runs": len(plan.runs)}
     with tracker.run("claims", params, tags) as tracked:

@@ -120,6 +120,12 @@ def test_quick_options_and_steps_change_the_run():
     assert first.steps == 10 and dict(first.method_args) == {"prior_preservation": False, "train_steps": 40}
 
 
+def test_claim_tags_are_valid_mlflow_keys():
+    from bench.claims import tag_key
+
+    assert tag_key("dpmsolver++", "10-steps-at-or-below-ddim-50") == "claim.dpmsolver__.10-steps-at-or-below-ddim-50"
+
+
 def test_a_failed_run_makes_its_claims_not_measured():
     claim = Claim("x", "s", "r", "fid", (("a", pixel("ddim", 50)), ("b", pixel("ddim", 5))))
     plan = plan_claims([ClaimRef("ddim", claim)], quick=True, method_class=fake_class)
