@@ -88,7 +88,8 @@ T2I_METRICS = ("fid", "attribute-accuracy", "latency")
 
 def pixel(method: str, steps: int, quick_num_samples: int = 128, quick_seeds: tuple[int, ...] = (0, 1),
           **options: Any) -> Arm:
-    """A sampler on the embedded pixel DDPM against shapes16: 1000 samples x 3 seeds (--quick: 128 x 2; FID needs twice its 64 feature dimensions)."""
+    """A sampler on the embedded pixel DDPM against shapes16: 1000 samples x 3 seeds (--quick: 128 x 2; FID needs
+    twice its 64 feature dimensions)."""
     return Arm(method, steps, dict(options), model="embedded-ddpm", dataset="shapes16", num_samples=1000,
                seeds=(0, 1, 2), quick_num_samples=quick_num_samples, quick_seeds=quick_seeds, metrics=PIXEL_METRICS)
 
