@@ -9,6 +9,8 @@ that each adapter holds only its paper's part:
   ``bench.embedded.t2i`` trained them (padding to the tokenizer's 77 tokens).
 - ``encode_images(model, images_uint8)``: the frozen VAE's posterior (mean, std) of uint8
   images; ``sample_latents`` draws scaled latents from it (as the embedded model was trained).
+- ``prediction_target(scheduler, latents, noise, t)``: the regression target of the model's
+  ``prediction_type`` (noise, velocity or clean latents); ``diffusion_loss`` and Diffusion-DPO use it.
 - ``diffusion_loss(unet, scheduler, latents, hidden, generator)``: the noise-prediction loss of
   Ho et al. 2020 (eq. 14, "L_simple"), with the target of the model's ``prediction_type``
   (epsilon, v or sample); ``reduction="none"`` gives one loss per sample (for weighted losses:
@@ -70,6 +72,20 @@ def sample_latents(model: Any, mean: torch.Tensor, std: torch.Tensor, generator:
     return (mean + std * eps) * model.vae.config.scaling_factor
 
 
+def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """What the UNet is trained to predict at ``add_noise(latents, noise, t)``, by the scheduler's ``prediction_type``:
+    the noise (``epsilon``), the velocity alpha_t eps - sigma_t x_0 (``v_prediction``, Salimans & Ho 2022) or the clean
+    latents (``sample``); any other type raises ``ValueError``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unknown prediction_type {kind!r} (epsilon, v_prediction or sample)")
+
+
 def diffusion_loss(unet: Any, scheduler: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                    generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
     """Noise-prediction MSE at uniformly drawn timesteps (Ho et al. 2020, L_simple); noise, then t, from ``generator``."""
@@ -78,15 +94,7 @@ def diffusion_loss(unet: Any, scheduler: Any, latents: torch.Tensor, encoder_hid
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     prediction = unet(noisy, t, encoder_hidden_states=encoder_hidden_states).sample
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, t)
-    elif kind == "sample":
-        target = latents
-    else:
-        raise ValueError(f"unknown prediction_type {kind!r}")
+    target = prediction_target(scheduler, latents, noise, t)
     if reduction == "none":
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
     return F.mse_loss(prediction.float(), target.float(), reduction=reduction)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from bench.alignment import FeedbackSet, Reward, check_reward_name, load_feedback, load_reward
+from bench.claim import Arm
 from bench.errors import BenchError
 from bench.finetune import BudgetMeter, saved_bytes, trainable_parameters
 from bench.interfaces import DiffusionModel
@@ -42,6 +43,21 @@ from methods.text_to_image import GuidanceArgs, LatentTextToImage
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "alignment"
+
+
+ALIGNMENT_METRICS = ("feedback-reward",)
+
+
+def heldout(method: str, quick_options: dict[str, Any] | None = None, **options: Any) -> Arm:
+    """An arm on the feedback world's held-out prompts (shapes32-heldout): CFG 7.5, DDIM 20 steps, 500 samples, three
+    training seeds (the run seed seeds the training too); --quick: 64 samples, 10 steps, one seed, the
+    ``quick_options`` (a smaller training budget)."""
+    return Arm(method, 20, dict(options), model="embedded-t2i", dataset="shapes32-heldout", num_samples=500,
+               seeds=(0, 1, 2), quick_num_samples=64, quick_seeds=(0,), quick_steps=10, metrics=ALIGNMENT_METRICS,
+               quick_options=dict(quick_options or {}))
+
+
+BASE = ("base model", heldout("cfg", guidance=7.5))  # the untuned model, sampled as the adapters sample
 
 
 def _check(name: str, value: Any, integer: bool = True, zero: bool = False, upper: float | None = None) -> None:

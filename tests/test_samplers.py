@@ -434,8 +434,11 @@ def test_ddim_matches_the_paper(unet64, spacing, grid, clip, prediction_type):
     assert error < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="DDIMScheduler steps to t - T // steps under linspace spacing "
-                   "(diffusers issues 11347, 12633); XPASS means diffusers fixed it")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the claim 'diffusers' DDIM under linspace spacing steps between its own timesteps' fails: "
+                   "DDIMScheduler steps to t - T // steps instead of the next timestep of its grid (diffusers issues "
+                   "11347, 12633), so the error against the paper's update is far above 1e-5; XPASS means diffusers "
+                   "fixed it")
 def test_ddim_linspace_steps_between_its_own_timesteps(unet64):
     grid = lambda steps: [int(t) for t in np.linspace(0, 999, steps).round()[::-1]]  # noqa: E731
     assert compare(unet64, "ddim", {"timestep_spacing": "linspace"}, "epsilon", grid, 10, sample_ddim,
