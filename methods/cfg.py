@@ -20,7 +20,8 @@ class CFG(LatentTextToImage):
         "same scheduler and latents (tests/test_guidance.py).",
         reference="ImageNet 64x64 (Table 1; verify): FID is lowest at small w (1.55 at w = 0.1) and IS rises with w: "
         "a fidelity/diversity trade-off.",
-        embedded_claim="On shapes32 FID first improves then worsens with the guidance scale (s = 1, 2, 4, 8), and attribute "
+        embedded_claim="On shapes32 FID first improves then worsens with the guidance scale (s = 1, 2, 4, 8), and "
+        "attribute "
         "accuracy rises from s = 1 to s = 4. Decided by `bench claims --method cfg` (the verdict and the "
         "values: its latest MLflow claims run, `bench report`).",
     )

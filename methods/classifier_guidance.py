@@ -65,7 +65,8 @@ class ClassifierGuidance(SchedulerSampler):
         "(bench embedded train noisy-classifier); any subset of color, shape and background can be the class y.",
         reference="ImageNet 256 (Table 4; verify): an unconditional model with classifier guidance at scale 10 goes "
         "from FID 26.21 to 12.00 and IS 39.70 to 95.41: fidelity and class agreement rise with the scale.",
-        embedded_claim="On embedded-ddpm (DDIM 20 steps, target red) the share of samples the feature network reads as red "
+        embedded_claim="On embedded-ddpm (DDIM 20 steps, target red) the share of samples the feature network "
+        "reads as red "
         "rises with the classifier scale (s = 4 against s = 0). Decided by `bench claims --method "
         "classifier-guidance` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )

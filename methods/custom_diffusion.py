@@ -116,7 +116,8 @@ class CustomDiffusion(PersonalizationMethod):
         "(tests/test_personalization.py).",
         reference="Stable Diffusion 1.4 (Sec. 3.1 and 4; verify): 75 MB per concept against 3 GB for a full fine-tune "
         "(about 5% of the parameters), about 6 minutes on 2 A100s; text- and image-alignment on par with DreamBooth.",
-        embedded_claim="Training only cross-attention K/V and a modifier token learns the subject (CLIP-I above the untuned "
+        embedded_claim="Training only cross-attention K/V and a modifier token learns the subject (CLIP-I above "
+        "the untuned "
         "model's) and saves a small fraction of DreamBooth's bytes per subject. Decided by `bench claims "
         "--method custom-diffusion` (the verdict and the values: its latest MLflow claims run, `bench "
         "report`).",
@@ -130,7 +131,8 @@ class CustomDiffusion(PersonalizationMethod):
         Claim("small-saved-file", "a concept is a small file: saved bytes per subject far below the full "
               "fine-tune's", "Sec. 3.1 (verify): 75 MB per concept against 3 GB (about 5%)", "train_saved_bytes",
               (("custom diffusion", personalize("custom-diffusion", quick_options={"num_class_images": 8})),
-               ("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16}))), "less",
+               ("dreambooth",
+                personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16}))), "less",
               tolerance="margin", margin=0.9, relative=True),
     )
 

@@ -34,7 +34,8 @@ class DDPM(SchedulerSampler):
         reproduces="Algorithm 2 with 1000 steps gives the model's best FID; with few steps it falls apart.",
         reference="CIFAR-10 FID 3.17 (IS 9.46) at 1000 steps; with sigma-hat: 367.43 / 133.37 / 32.72 / 9.99 at "
         "10 / 20 / 50 / 100 steps (DDIM paper, Table 1).",
-        embedded_claim="Algorithm 2 at 1000 steps beats itself at 50 steps, and is at or below DDIM 50 on shapes16. Decided "
+        embedded_claim="Algorithm 2 at 1000 steps beats itself at 50 steps, and is at or below DDIM 50 on "
+        "shapes16. Decided "
         "by `bench claims --method ddpm` (the verdict and the values: its latest MLflow claims run, `bench "
         "report`).",
     )

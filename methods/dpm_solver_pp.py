@@ -41,7 +41,8 @@ class DPMSolverPP(SchedulerSampler):
         "second-order steps use the previous model output, so NFE = steps). Matches a from-the-paper 2M to 1e-5 "
         "relative (tests/test_samplers.py).",
         reference="CIFAR-10 FID 2.91 at 10 NFE on the EDM model (DPM-Solver-v3, arXiv 2310.13268, Table 1).",
-        embedded_claim="2M at 10 and 20 steps has an FID at or below DDIM 50 on shapes16; with UniPC, 20 NFE reach DDIM 50. "
+        embedded_claim="2M at 10 and 20 steps has an FID at or below DDIM 50 on shapes16; with UniPC, 20 NFE "
+        "reach DDIM 50. "
         "Decided by `bench claims --method dpmsolver++` (the verdict and the values: its latest MLflow claims "
         "run, `bench report`).",
     )
@@ -116,7 +117,8 @@ class DPMSolverPPSDE(SchedulerSampler):
         "(released with their code; diffusers' sde-dpmsolver++): the exponential integrator with data "
         "prediction plus fresh noise every step, drawn from each sample's own generator.",
         reference="",
-        embedded_claim="At 20 and 50 steps the SDE variant has an FID near 2M on shapes16. Decided by `bench claims --method "
+        embedded_claim="At 20 and 50 steps the SDE variant has an FID near 2M on shapes16. Decided by `bench "
+        "claims --method "
         "dpmsolver++-sde` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = DPMSolverPPSDEArgs

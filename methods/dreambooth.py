@@ -62,7 +62,8 @@ class DreamBooth(PersonalizationMethod):
         reference="DreamBench (Table 1; verify): DreamBooth (Stable Diffusion) DINO 0.668, CLIP-I 0.803, CLIP-T 0.305; "
         "Textual Inversion 0.569 / 0.780 / 0.255; real images DINO 0.774, CLIP-I 0.885. Prior preservation (Table 3; "
         "verify) lowers PRES (class samples that look like the subject) from 0.664 to 0.493 at similar fidelity.",
-        embedded_claim="Fine-tuning the UNet on the subject raises CLIP-I above the untuned model's; the prior-preservation "
+        embedded_claim="Fine-tuning the UNet on the subject raises CLIP-I above the untuned model's; the "
+        "prior-preservation "
         "loss cuts the class prompts' drift; DreamBooth beats Textual Inversion (DreamBench Table 1). Decided "
         "by `bench claims --method dreambooth` (the verdict and the values: its latest MLflow claims run, "
         "`bench report`).",

@@ -29,7 +29,8 @@ class DDIMInversion(Reconstruction):
         "pivot), then guided DDIM sampling with the source prompt: the reconstruction an editor starts from.",
         reference="Mokady et al. 2023, Figure 4 and Section 4 (verify): DDIM inversion reconstructs real images poorly "
         "once guidance 7.5 is applied (the error accumulates along the trajectory).",
-        embedded_claim="Under guidance 7.5 DDIM inversion reconstructs the source worse than without guidance (guidance 1). "
+        embedded_claim="Under guidance 7.5 DDIM inversion reconstructs the source worse than without guidance "
+        "(guidance 1). "
         "Decided by `bench claims --method ddim-inversion` (the verdict and the values: its latest MLflow "
         "claims run, `bench report`).",
     )
@@ -58,7 +59,8 @@ class NullTextInversion(Reconstruction):
         "stopped samples frozen, so sample i does not depend on the others.",
         reference="Paper (Figure 4, Section 4; verify): near-perfect reconstruction of real images with SD-1.4 at "
         "guidance 7.5 where DDIM inversion drifts, at about one minute per image on an A100 (N = 10, 50 steps).",
-        embedded_claim="Null-text inversion reconstructs the source better than DDIM inversion at guidance 7.5 (by at least "
+        embedded_claim="Null-text inversion reconstructs the source better than DDIM inversion at guidance 7.5 "
+        "(by at least "
         "2 dB PSNR). Decided by `bench claims --method null-text-inversion` (the verdict and the values: its "
         "latest MLflow claims run, `bench report`).",
     )

@@ -71,11 +71,13 @@ class LoRA(PersonalizationMethod):
     claims = (
         Claim("learns-the-subject", "a rank-4 update of the attention projections learns the subject: CLIP-I above "
               "the untuned model's", "Hu et al. 2022 (GPT-3; verify): matching quality to full fine-tuning", "clip_i",
-              (("lora", personalize("lora")), ("untuned", personalize("textual-inversion", train_steps=0))), "greater", tolerance="margin"),
+              (("lora", personalize("lora")),
+               ("untuned", personalize("textual-inversion", train_steps=0))), "greater", tolerance="margin"),
         Claim("fewer-trained-parameters", "far fewer trainable parameters than the full fine-tune (DreamBooth)",
               "Sec. 1 and Table 4 (verify): 10,000x fewer trainable parameters on GPT-3 175B", "train_params",
               (("lora", personalize("lora")),
-               ("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16}))), "less",
+               ("dreambooth",
+                personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16}))), "less",
               tolerance="margin", margin=0.9, relative=True),
     )
 

@@ -242,7 +242,8 @@ class PromptToPrompt(LatentEditor):
         "embedded UNet attends at 4x4 latents only, so its maps and blend masks are 4x4 (module docstring).",
         reference="PIE-Bench Table 1 (Ju et al. 2024, SD-1.4, 700 edits; verify): DDIM + P2P structure 69.43e-3, "
         "background PSNR 17.87, CLIP whole 25.01; null-text inversion + P2P 13.44e-3, 27.03, 24.75.",
-        embedded_claim="P2P keeps the background better than SDEdit at a strength (0.4) that reaches the same saturated CLIP "
+        embedded_claim="P2P keeps the background better than SDEdit at a strength (0.4) that reaches the same "
+        "saturated CLIP "
         "score, and null-text inversion keeps it better than DDIM inversion (PIE-Bench). Decided by `bench "
         "claims --method p2p` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )

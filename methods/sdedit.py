@@ -37,7 +37,8 @@ class SDEdit(LatentEditor):
         "(tests/test_editing.py). --inversion ddim or null-text replaces the noising with that inversion to t0.",
         reference="The paper trades realism against faithfulness with t0 (Figure 3: t0 in [0.3, 0.6] for stroke "
         "edits; verify); no PIE-Bench row.",
-        embedded_claim="Realism against faithfulness with t0: the higher the strength, the less of the source's background "
+        embedded_claim="Realism against faithfulness with t0: the higher the strength, the less of the source's "
+        "background "
         "is kept (strengths 0.3, 0.5, 0.7 on embedded-edits). Decided by `bench claims --method sdedit` (the "
         "verdict and the values: its latest MLflow claims run, `bench report`).",
     )

@@ -47,7 +47,8 @@ class TextualInversion(PersonalizationMethod):
         "learned_embeds format and loaded back with load_textual_inversion (tests/test_personalization.py).",
         reference="DreamBench with SD (DreamBooth paper, Table 1; verify): DINO 0.569, CLIP-I 0.780, CLIP-T 0.255, "
         "below DreamBooth's 0.668 / 0.803 / 0.305.",
-        embedded_claim="One learned word makes the model draw the subject: CLIP-I rises above the untuned model's (S* = the "
+        embedded_claim="One learned word makes the model draw the subject: CLIP-I rises above the untuned model's "
+        "(S* = the "
         "class noun) on embedded-concepts. Decided by `bench claims --method textual-inversion` (the verdict "
         "and the values: its latest MLflow claims run, `bench report`).",
     )
@@ -56,7 +57,8 @@ class TextualInversion(PersonalizationMethod):
         Claim("learns-the-subject", "optimizing one word embedding makes the model render the subject: CLIP-I "
               "above the untuned model's", "DreamBench with SD (DreamBooth paper, Table 1; verify): DINO 0.569, "
               "CLIP-I 0.780, CLIP-T 0.255", "clip_i",
-              (("textual inversion", personalize("textual-inversion")), ("untuned", personalize("textual-inversion", train_steps=0))), "greater",
+              (("textual inversion", personalize("textual-inversion")),
+               ("untuned", personalize("textual-inversion", train_steps=0))), "greater",
               tolerance="margin"),
     )
 
