@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.editing import EDIT_TYPES
+from bench.render import md_table
 
 CONFIGS = (  # (label, method, options)
     ("DDIM inversion (reconstruction)", "ddim-inversion", {}),
@@ -24,28 +25,30 @@ CONFIGS = (  # (label, method, options)
     ("P2P + DDIM inversion", "p2p", {"inversion": "ddim"}),
     ("P2P + null-text inversion", "p2p", {"inversion": "null-text"}),
 )
-COLUMNS = (  # (header, key, format)
-    ("bg PSNR", "bg_psnr", "{:.2f}"), ("bg LPIPS-shapes", "bg_lpips", "{:.3f}"), ("bg MSE x1e3", "bg_mse", "{:.2f}"),
-    ("bg SSIM", "bg_ssim", "{:.3f}"), ("structure x1e3", "structure_distance", "{:.1f}"),
+# (header, key, format): the embedded world's keys, named after the network that computed them (shapes-cnn32)
+COLUMNS = (
+    ("bg PSNR", "bg_psnr", "{:.2f}"), ("bg dist shapes-cnn32", "bg_dist_shapes_cnn32", "{:.3f}"),
+    ("bg MSE x1e3", "bg_mse", "{:.2f}"), ("bg SSIM", "bg_ssim", "{:.3f}"),
+    ("structure shapes-cnn32 x1e3", "structure_dist_shapes_cnn32", "{:.1f}"),
     ("CLIP whole", "clip_whole", "{:.2f}"), ("CLIP edited", "clip_edited", "{:.2f}"),
-    ("GT PSNR", "gt_psnr", "{:.2f}"), ("GT LPIPS-shapes", "gt_lpips", "{:.3f}"), ("attr acc", "attr_acc_all", "{:.3f}"),
-    ("recon PSNR", "recon_psnr", "{:.2f}"),
+    ("GT PSNR", "gt_psnr", "{:.2f}"), ("GT dist shapes-cnn32", "gt_dist_shapes_cnn32", "{:.3f}"),
+    ("attr acc", "attr_acc_all", "{:.3f}"), ("recon PSNR", "recon_psnr", "{:.2f}"),
 )
-SCALE = {"bg_mse": 1e3, "structure_distance": 1e3}
+SCALE = {"bg_mse": 1e3, "structure_dist_shapes_cnn32": 1e3}
 
 
 def table(results: list[tuple[str, dict]], edit_type: str | None) -> str:
-    """Markdown rows of every configuration; per edit type, the columns that are broken down by type."""
+    """A markdown table (pandas) of every configuration; per edit type, the columns that are broken down by type."""
     suffix = f"/{edit_type}" if edit_type else ""
     columns = [c for c in COLUMNS if not edit_type or any(c[1] + suffix in values for _, values in results)]
-    lines = ["| method | " + " | ".join(h for h, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = []
     for label, values in results:
-        cells = []
+        cells = [label]
         for _, key, fmt in columns:
             v = values.get(key + suffix)
             cells.append("" if v is None or v != v else fmt.format(v * SCALE.get(key, 1.0)))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return str(md_table(["method", *(h for h, _, _ in columns)], rows))
 
 
 def markdown(results: list[tuple[str, dict]], iou: dict[str, float], num_samples: int, steps: int,

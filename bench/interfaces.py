@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from bench.denoiser import CountingDenoiser
     from bench.evaluation import EvalContext
+    from bench.outputs import Output
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,16 @@ class ReferenceSet(ABC):
 
 
 class Metric(ABC):
-    """A metric stage: protocol (recorded, hashed) and compute (over the run's context)."""
+    """A metric stage: protocol (recorded, hashed) and compute (over the run's context).
+
+    ``outputs`` declares every value ``compute`` returns (key, label, direction, format, protocol family, nightly
+    tolerance: ``bench.outputs.Output``); the runner refuses a value it does not declare, and the leaderboard,
+    sweep, nightly, CLI and report read the declarations (``bench.outputs.lookup``).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    outputs: ClassVar[tuple["Output", ...]] = ()
     needs_prompts: ClassVar[bool] = False  # the run must have prompts (a text-to-image method)
     needs_targets: ClassVar[bool] = False  # the run must say which attributes each sample should have
     needs_edits: ClassVar[bool] = False  # the run must be an editing run (sample i edits item i)

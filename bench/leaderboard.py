@@ -16,36 +16,22 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from bench import outputs
 from bench.errors import BenchError
+from bench.outputs import lower_is_better
+from bench.render import md_table
 from bench.sweep import t_interval
 
 CONFIG_COLUMNS = ("method", "method_args", "steps", "model", "dtype")
 GROUP_COLUMNS = ("eval_protocol_hash", "device")
-HIGHER_IS_BETTER = frozenset({"throughput_images_per_s", "clip_score", "inception_score", "reward"})
-HIGHER_IS_BETTER_PREFIXES = ("attr_acc_", "human_", "feedback_")  # human_*: the feedback world's simulated human (issue 9)
 RUN_TAGS = ("method", "paper", "model", "dataset", "protocol_hash", "eval_protocol_hash", "device", "device_name",
             "diffbench_git_sha", "torch_version", "diffusers_version", "samples_sha256", "output", "sweep",
             "sweep_id", "sweep_cell")
-# the protocol family of each metric value: which params (protocol.metrics.<family>.*) define it
-METRIC_FAMILY = {"fid": "fid", "kid_mean": "kid", "kid_std": "kid", "peak_memory_mb": "memory",
-                 "nfe": "nfe"}  # NFE is counted, whatever the protocol: nothing to match
-FAMILY_PREFIXES = (("clip_score", "clip-score"), ("attr_acc_", "attribute-accuracy"), ("brightness", "brightness"),
-                   ("reward", "feedback-reward"), ("human_", "feedback-reward"), ("feedback_", "feedback-reward"))
-LATENCY_METRICS = ("latency_per_image_ms", "latency_per_image_ms_std", "latency_per_call_ms",
-                   "throughput_images_per_s", "nfe", "timed_batches", "sampling_seconds", "denoiser_seconds")
 
 
 def metric_family(metric: str) -> str | None:
-    """The metric's protocol family; None (unknown) means the whole metric protocol must match."""
-    if metric in METRIC_FAMILY:
-        return METRIC_FAMILY[metric]
-    if metric in LATENCY_METRICS:
-        return "latency"
-    return next((family for prefix, family in FAMILY_PREFIXES if metric.startswith(prefix)), None)
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric not in HIGHER_IS_BETTER and not metric.startswith(HIGHER_IS_BETTER_PREFIXES)
+    """The metric's protocol family (its declaration's); None (undeclared) means the whole protocol must match."""
+    return outputs.family(metric)
 
 
 @dataclass(frozen=True)
@@ -233,7 +219,7 @@ def leaderboard(runs, metric: str = "fid"):
     if runs.empty:
         raise BenchError("no FINISHED diffbench runs match the selection")
     if metric not in runs or runs[metric].isna().all():
-        known = sorted(c for c in runs.columns if c in BOARD_METRICS or c in LATENCY_METRICS or c in METRIC_FAMILY)
+        known = sorted(c for c in runs.columns if c not in RUN_TAGS and outputs.lookup(c) is not None)
         raise BenchError(f"no run of the selection has the metric {metric!r} (they have: {', '.join(known)})")
     runs = runs[runs[metric].notna()]
     check_comparable(runs, metric)
@@ -254,14 +240,13 @@ def fmt_ci(mean: float, half: float, digits: int = 3, scale: float = 1.0) -> str
     return f"{mean * scale:.{digits}f} +- {half * scale:.{digits}f}"
 
 
-METRIC_LABELS = {"fid": "FID", "kid_mean": "KID x 1e3", "latency_per_image_ms": "ms / image",
-                 "throughput_images_per_s": "images / s", "peak_memory_mb": "peak MB", "nfe": "NFE"}
+fmt_metric = outputs.format_ci  # mean +- half in the metric's declared format
 
 
 def display_rows(board, metric: str) -> tuple[list[str], list[tuple[tuple[str, str, str], list[list[str]]]]]:
     """Headers and, per (protocol, device) group, the formatted rows: what table, md and html print."""
     shown = [m for m in dict.fromkeys([metric, "fid", "kid_mean", "latency_per_image_ms"]) if m in board and m != "nfe"]
-    headers = ["rank", "method", "steps", "NFE", "seeds"] + [METRIC_LABELS.get(m, m) for m in shown]
+    headers = ["rank", "method", "steps", "NFE", "seeds"] + [outputs.label(m) for m in shown]
     groups = []
     for (h, device), group in board.groupby(list(GROUP_COLUMNS), sort=False):
         rows = []
@@ -269,8 +254,7 @@ def display_rows(board, metric: str) -> tuple[list[str], list[tuple[tuple[str, s
             cells = [str(r["rank"]), r["config"], str(int(r["steps"])), f"{r['nfe']:g}" if "nfe" in r else "-",
                      str(int(r["seeds"]))]
             for m in shown:
-                scale = 1e3 if m == "kid_mean" else 1.0
-                cells.append(fmt_ci(r[m], r.get(f"{m}_ci95", float("nan")), 3 if m != "latency_per_image_ms" else 2, scale))
+                cells.append(fmt_metric(m, r[m], r.get(f"{m}_ci95", float("nan"))))
             rows.append(cells)
         first = group.iloc[0]
         groups.append(((h, device, f"{first['dataset']}, n={first['num_samples']}, {first['device_name']}"), rows))
@@ -286,9 +270,7 @@ def format_board(board, metric: str, fmt: str = "table") -> str:
         title = f"metric protocol {h[:10]} on {device} ({desc})"
         if fmt == "md":
             out.append(f"#### {title}\n")
-            out.append("| " + " | ".join(headers) + " |")
-            out.append("|" + "---|" * len(headers))
-            out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+            out.append(md_table(headers, rows))
         else:
             widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
             out.append(title)

@@ -28,13 +28,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bench.catalog import METRICS
 from bench.errors import BenchError
-from bench.leaderboard import lower_is_better
+from bench.outputs import RUN_OUTPUTS, lower_is_better
+from bench.render import md_table, render
 from bench.sweep import noise_margin, t_interval
 
-DEFAULT_TOLERANCES = {"fid": 0.10, "kid_mean": 0.25, "nfe": 0.0}
 RULE = "regression if worse by more than max(tolerance x |baseline mean|, sqrt(ci95_new^2 + ci95_baseline^2))"
 CONFIG_FIELDS = ("method", "method_args", "steps", "model")
+
+
+def default_tolerances(metrics: Sequence[str]) -> dict[str, float]:
+    """A suite's tolerances when it names none: every ranked value its metrics (and every run) declare with one."""
+    declared = [*RUN_OUTPUTS, *(o for name in metrics for o in METRICS.get(name).outputs)]
+    return {o.key: o.tolerance for o in declared
+            if o.tolerance is not None and o.direction != "none" and not o.key.endswith("*")}
 
 
 def _num(x: float) -> float | None:
@@ -179,25 +187,15 @@ def table_rows(comparisons: Sequence[Comparison]) -> list[list[str]]:
 
 
 def comparison_md(comparisons: Sequence[Comparison], baseline_path: str) -> str:
-    from bench.report import md_cell
-
-    lines = [f"Baseline: `{baseline_path}`. Rule: {RULE}.", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(md_cell(x) for x in r) + " |" for r in table_rows(comparisons)]
-    return "\n".join(lines)
+    return render("nightly_comparison.md.j2", baseline=baseline_path, rule=RULE,
+                  table=md_table(COLUMNS, table_rows(comparisons))).rstrip("\n")
 
 
 def comparison_html(comparisons: Sequence[Comparison], baseline_path: str) -> str:
-    from bench.report import e
-
-    out = [f'<p class="small">Baseline <code>{e(baseline_path)}</code>. Rule: {e(RULE)}.</p>',
-           '<table class="nightly"><thead><tr>' + "".join(f"<th>{e(c)}</th>" for c in COLUMNS) + "</tr></thead><tbody>"]
-    for c, row in zip(comparisons, table_rows(comparisons)):
-        cls = {"REGRESSION": "fail", "ok": "pass", "improved": "pass"}.get(c.verdict, "none")
-        cells = "".join(f"<td>{e(x)}</td>" for x in row[:-2])
-        out.append(f'<tr>{cells}<td><span class="{cls}">{e(c.verdict)}</span></td><td>{e(row[-1])}</td></tr>')
-    out.append("</tbody></table>")
-    return "\n".join(out)
+    badges = {"REGRESSION": "fail", "ok": "pass", "improved": "pass"}
+    rows = [(badges.get(c.verdict, "none"), c.verdict, row) for c, row in zip(comparisons, table_rows(comparisons))]
+    return render("nightly_comparison.html.j2", baseline=baseline_path, rule=RULE, columns=COLUMNS,
+                  rows=rows).rstrip("\n")
 
 
 def comparisons_json(comparisons: Sequence[Comparison]) -> list[dict[str, Any]]:

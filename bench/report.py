@@ -7,8 +7,9 @@ each method card's paper reference next to the value reproduced here, with
 the verdicts of the newest `bench claims` run (bench.claims.latest_verdicts); and the environment.
 
 The HTML page fetches nothing: images are inlined as base64 PNG and a Content
-Security Policy forbids every other source. All text from runs and cards is
-escaped (``html.escape``).
+Security Policy forbids every other source. The page and the markdown are rendered from
+jinja2 templates (bench/templates/report.*.j2): every text from runs and cards is escaped
+(HTML autoescaping; markdown escaping by ``bench.render``), and markdown tables are pandas'.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from bench.leaderboard import METRIC_LABELS, display_rows, lower_is_better
+from markupsafe import Markup
+
+from bench import outputs
+from bench.leaderboard import display_rows, lower_is_better
+from bench.render import md_cell, md_table, render
 
 # -- claims: the verdicts of the newest `bench claims` run (bench/claims.py), never a table of its own ------------
 
@@ -127,7 +132,7 @@ def plot_pareto(board, metric: str, title: str) -> bytes:
         ax.step(xs, ys, where="post", color="black", alpha=0.5, linewidth=1, label="Pareto front")
     ax.set_xscale("log")
     ax.set_xlabel("latency per image (ms, median over batches; log)")
-    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_ylabel(outputs.label(metric))
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -249,7 +254,7 @@ def build(runs, metric: str, client, tracking_uri: str, title: str, subtitle: st
     runs = runs[runs[metric].notna()]
     headers, groups = display_rows(board, metric)
     plots = []
-    label = METRIC_LABELS.get(metric, metric)
+    label = outputs.label(metric)
     for (h, device), group in board.groupby(["eval_protocol_hash", "device"], sort=False):
         where = f"{group.iloc[0]['dataset']}, n={group.iloc[0]['num_samples']}, {device}"
         if "nfe" in group and group["nfe"].notna().any():
@@ -290,103 +295,37 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def verdict_class(verdict: str) -> str:
+    return {"holds": "pass", "does not hold": "fail"}.get(verdict, "none")
+
+
 def verdict_badge(verdict: str) -> str:
-    cls = {"holds": "pass", "does not hold": "fail"}.get(verdict, "none")
-    return f'<span class="{cls}">{e(verdict)}</span>'
+    return f'<span class="{verdict_class(verdict)}">{e(verdict)}</span>'
 
 
 def render_html(r: Report) -> str:
-    out = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{e(CSP)}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{e(r.title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(r.title)}</h1>", f'<p class="sub">{e(r.subtitle)}</p>',
-    ]
-    for s in r.sections:
-        out += [f"<h2>{e(s.title)}</h2>", s.html]
-    out.append('<h2 id="leaderboard">Leaderboard</h2>')
+    """The page from bench/templates/report.html.j2 (autoescaped; sections bring their own, escaped, HTML)."""
     ranked = "lower is better" if lower_is_better(r.metric) else "higher is better"
-    out.append(f'<p class="small">Ranked by {e(r.metric)} ({ranked}) within each metric protocol and device; '
-               "mean +- 95% t-interval half-width over seeds.</p>")
-    for (h, device, desc), rows in r.groups:
-        out.append(f"<h3>metric protocol <code>{e(h[:10])}</code> on {e(device)} ({e(desc)})</h3>")
-        out.append('<table class="leaderboard"><thead><tr>' + "".join(f"<th>{e(x)}</th>" for x in r.headers)
-                   + "</tr></thead><tbody>")
-        for row in rows:
-            cells = "".join(f"<td>{e(c)}</td>" if i == 1 else f'<td class="num">{e(c)}</td>' for i, c in enumerate(row))
-            out.append(f"<tr>{cells}</tr>")
-        out.append("</tbody></table>")
-    out.append('<h2 id="plots">Plots</h2><div class="plots">')
-    for caption, png in r.plots:
-        out.append(f'<figure><img src="{data_uri(png)}" alt="{e(caption)}"><figcaption>{e(caption)}</figcaption></figure>')
-    out.append("</div>")
-    out.append('<h2 id="samples">Samples</h2>')
-    if r.grid_seed is None or not r.grids:
-        out.append("<p>No grid.png artifacts were found for these runs.</p>")
-    else:
-        out.append(f'<p class="small">The first 64 samples of each configuration\'s run with seed {r.grid_seed}: '
-                   "sample i starts from the same noise in every run with this seed, so grids compare cell by "
-                   "cell.</p>")
-        out.append('<div class="grids"><table><thead><tr><th>steps</th>'
-                   + "".join(f"<th>{e(c)}</th>" for c in r.grid_configs) + "</tr></thead><tbody>")
-        for steps in sorted(r.grids):
-            cells = []
-            for c in r.grid_configs:
-                hit = r.grids[steps].get(c)
-                cells.append("<td>-</td>" if hit is None else
-                             f'<td><img src="{data_uri(hit[0])}" alt="{e(hit[1])}" title="{e(hit[1])}"></td>')
-            out.append(f'<tr><td class="num">{steps}</td>{"".join(cells)}</tr>')
-        out.append("</tbody></table></div>")
-    out.append('<h2 id="papers">Papers and what is reproduced</h2>')
-    out.append('<table class="cards"><thead><tr><th>method</th><th>paper</th><th>paper\'s reference numbers</th>'
-               "<th>embedded claim (card)</th><th>checked here</th><th>measured</th><th>verdict</th></tr></thead><tbody>")
-    for c in r.cards:
-        checks = c["checks"] or [{"check": "no verdict (run `bench claims`)", "measured": "", "verdict": "n/a"}]
-        for i, chk in enumerate(checks):
-            head = ""
-            if i == 0:
-                span = f' rowspan="{len(checks)}"' if len(checks) > 1 else ""
-                paper = e(c["citation"]) + (f'<br><span class="small">{e(c["url"])}</span>' if c["url"] else "")
-                head = (f"<td{span}>{e(c['method'])}</td><td{span}>{paper}</td><td{span}>{e(c['reference'])}</td>"
-                        f"<td{span}>{e(c['claim'])}</td>")
-            out.append(f"<tr>{head}<td>{e(chk['check'])}</td><td>{e(chk['measured'])}</td>"
-                       f"<td>{verdict_badge(chk['verdict'])}</td></tr>")
-    out.append("</tbody></table>")
-    out.append('<h2 id="environment">Environment</h2><table class="env"><tbody>')
-    out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in r.environment]
-    out.append("</tbody></table></body></html>")
-    return "\n".join(out) + "\n"
+    return render("report.html.j2", r=r, csp=CSP, css=Markup(CSS), ranked=ranked, data_uri=data_uri,
+                  verdict_class=verdict_class)
 
 
-def md_cell(text: Any) -> str:
-    """Markdown table text: HTML-escaped (renderers pass inline HTML through) and pipes escaped."""
-    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+NO_CHECK = {"check": "no verdict (run `bench claims`)", "measured": "", "verdict": "n/a"}
 
 
 def render_md(r: Report, assets: Path, rel: str) -> str:
-    """Markdown with the images written to ASSETS (linked as REL/name.png)."""
+    """Markdown (bench/templates/report.md.j2, tables by pandas) with the images written to ASSETS (REL/name.png)."""
     assets.mkdir(parents=True, exist_ok=True)
-    out = [f"# {md_cell(r.title)}", "", md_cell(r.subtitle), ""]
-    for s in r.sections:
-        out += [f"## {s.title}", "", s.md, ""]
-    out += ["## Leaderboard", ""]
-    for (h, device, desc), rows in r.groups:
-        out += [f"### metric protocol `{h[:10]}` on {md_cell(device)} ({md_cell(desc)})", "",
-                "| " + " | ".join(r.headers) + " |", "|" + "---|" * len(r.headers)]
-        out += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
-        out.append("")
-    out += ["## Plots", ""]
+    leaderboard = [(key, md_table(r.headers, rows)) for key, rows in r.groups]
+    plots = []
     for i, (caption, png) in enumerate(r.plots):
         (assets / f"plot-{i}.png").write_bytes(png)
-        out += [f"![{md_cell(caption)}]({rel}/plot-{i}.png)", ""]
-    out += ["## Samples", ""]
+        plots.append((caption, f"{rel}/plot-{i}.png"))
+    grids = None
     if r.grids:
-        out += [f"First 64 samples of each configuration's run with seed {r.grid_seed} (same noise per cell).", "",
-                "| steps | " + " | ".join(md_cell(c) for c in r.grid_configs) + " |",
-                "|" + "---|" * (len(r.grid_configs) + 1)]
+        rows = []
         for steps in sorted(r.grids):
-            cells = []
+            cells = [str(steps)]
             for j, c in enumerate(r.grid_configs):
                 hit = r.grids[steps].get(c)
                 if hit is None:
@@ -394,17 +333,14 @@ def render_md(r: Report, assets: Path, rel: str) -> str:
                     continue
                 (assets / f"grid-{steps}-{j}.png").write_bytes(hit[0])
                 cells.append(f"![{md_cell(hit[1])}]({rel}/grid-{steps}-{j}.png)")
-            out.append(f"| {steps} | " + " | ".join(cells) + " |")
-        out.append("")
-    out += ["## Papers and what is reproduced", "",
-            "| method | paper | paper's reference numbers | checked here | measured | verdict |", "|---|---|---|---|---|---|"]
-    for c in r.cards:
-        for chk in c["checks"] or [{"check": "no verdict (run `bench claims`)", "measured": "", "verdict": "n/a"}]:
-            out.append(f"| {md_cell(c['method'])} | {md_cell(c['citation'])} | {md_cell(c['reference'])} | "
-                       f"{md_cell(chk['check'])} | {md_cell(chk['measured'])} | {md_cell(chk['verdict'])} |")
-    out += ["", "## Environment", "", "| | |", "|---|---|"]
-    out += [f"| {md_cell(k)} | {md_cell(v)} |" for k, v in r.environment]
-    return "\n".join(out) + "\n"
+            rows.append(cells)
+        grids = md_table(["steps", *(md_cell(c) for c in r.grid_configs)], rows, escape=False)
+    cards = md_table(["method", "paper", "paper's reference numbers", "checked here", "measured", "verdict"],
+                     [[c["method"], c["citation"], c["reference"], chk["check"], chk["measured"], chk["verdict"]]
+                      for c in r.cards for chk in c["checks"] or [NO_CHECK]])
+    env = md_table(["", ""], r.environment)
+    return render("report.md.j2", r=r, leaderboard=leaderboard, plots=plots, grids=grids, cards=cards,
+                  environment=env, markdown=Markup).rstrip("\n") + "\n"  # markdown(): a section's, escaped by its maker
 
 
 def write(report: Report, out: Path, fmt: str) -> Path:

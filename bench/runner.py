@@ -28,6 +28,7 @@ import numpy as np
 from bench.distributed import Shards
 from bench.errors import BenchError
 from bench.interfaces import DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
+from bench.outputs import undeclared
 from bench.spec import RunSpec, stable_hash
 
 from bench.shards import SHARD_PATTERN  # noqa: F401  (re-exported: shards are named by batch index)
@@ -322,6 +323,16 @@ def samples_digest(samples: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(samples).tobytes()).hexdigest()
 
 
+def checked_values(metric: Metric, values: dict[str, float]) -> dict[str, float]:
+    """A metric's values, refused (BenchError) when it returns a key its ``outputs`` does not declare."""
+    extra = undeclared(values, metric.outputs)
+    if extra:
+        declared = ", ".join(o.key for o in metric.outputs) or "nothing"
+        raise BenchError(f"metric {metric.name!r} returned {', '.join(extra)}, which it does not declare in its "
+                         f"outputs (it declares: {declared}); add an Output for each key to {type(metric).__name__}.outputs")
+    return values
+
+
 def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
     import torch
 
@@ -339,7 +350,7 @@ def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
     )
     values: dict[str, float] = {}
     for metric in plan.metrics.values():
-        values.update(metric.compute(ctx))
+        values.update(checked_values(metric, metric.compute(ctx)))
     values["num_samples"] = float(len(samples))
     values["nfe"] = float(np.mean(timings.batch_calls))  # counted denoiser calls per sample, whatever the metrics
     return values

@@ -27,16 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bench import outputs
 from bench.errors import BenchError
+from bench.render import md_table
 from bench.spec import FIELD_NAMES, RunSpec, canonical_json, stable_hash
 
-# feedback_accuracy, reward, human_approval, train_seconds: the alignment table (issue 9)
-# (a column shows when the first run has it)
-# clip_i, clip_t, dino, prior_drift, train_params, train_saved_bytes: the personalization table (issue 8)
-SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "clip_i", "clip_t", "dino", "attr_acc_all", "feedback_accuracy",
-                   "reward", "human_approval", "prior_drift", "train_steps", "train_params", "train_saved_bytes",
-                   "train_seconds", "train_peak_memory_bytes", "latency_per_image_ms", "nfe")
-COUNT_METRICS = ("train_steps", "train_params", "train_saved_bytes", "train_peak_memory_bytes")  # whole numbers
+# The summary's columns (a column shows when the first run has it); their labels and formats are the metrics'
+# declarations (bench.outputs). feedback_accuracy, reward, human_approval, train_seconds: the alignment table
+# (issue 9); clip_i, clip_t, dino / subject_sim_shapes_cnn32, prior_drift, train_*: the personalization table (issue 8)
+SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "clip_i", "clip_t", "dino", "subject_sim_shapes_cnn32",
+                   "attr_acc_all", "feedback_accuracy", "reward", "human_approval", "prior_drift", "train_steps",
+                   "train_params", "train_saved_bytes", "train_seconds", "train_peak_memory_bytes",
+                   "latency_per_image_ms", "nfe")
 
 
 @dataclass(frozen=True)
@@ -180,21 +182,18 @@ def summarize(rows: list[dict[str, Any]], metrics: Sequence[str] = SUMMARY_METRI
 
 
 def format_table(summary, metrics: Sequence[str] = SUMMARY_METRICS) -> str:
-    """A markdown table: value +- CI half-width (no interval with one seed)."""
-    headers = ["method", "steps", "NFE", "seeds"] + [m for m in metrics if m in summary and m != "nfe"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    """A markdown table (pandas): value +- CI half-width (no interval with one seed), as the metrics declare."""
+    shown = [m for m in metrics if m in summary and m != "nfe"]
+    headers = ["method", "steps", "NFE", "seeds"] + [outputs.label(m) for m in shown]
+    rows = []
     for _, r in summary.iterrows():
         label = str(r["config"])
         if "cell" in r and r["cell"] != f"{label}-{int(r['steps'])}steps":  # a named cell
             label = f"{r['cell']}: {label}"
         cells = [label, str(int(r["steps"])), f"{r.get('nfe', float('nan')):g}", str(int(r["seeds"]))]
-        for m in headers[4:]:
-            digits = 4 if m == "kid_mean" else 0 if m in COUNT_METRICS else 3
-            v, h = r[m], r.get(f"{m}_ci95", float("nan"))
-            cells.append(f"{v:.{digits}f}" if math.isnan(h) else f"{v:.{digits}f} +- {h:.{digits}f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines[0] = lines[0].replace("kid_mean", "KID").replace("latency_per_image_ms", "ms / image").replace("fid", "FID")
-    return "\n".join(lines)
+        cells += [outputs.format_ci(m, r[m], r.get(f"{m}_ci95", float("nan"))) for m in shown]
+        rows.append(cells)
+    return str(md_table(headers, rows))
 
 
 def plot_fid_vs_nfe(summary, path: Path, title: str, metric: str = "fid") -> None:
@@ -211,7 +210,7 @@ def plot_fid_vs_nfe(summary, path: Path, title: str, metric: str = "fid") -> Non
                     marker="o", capsize=3, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("NFE (denoiser calls per sample, counted)")
-    ax.set_ylabel(metric.upper() if metric == "fid" else metric)
+    ax.set_ylabel(outputs.label(metric))
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

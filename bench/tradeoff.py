@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-PANELS = (("fid", "FID (lower is better)"), ("clip_score", "CLIP score"), ("attr_acc_all", "attribute accuracy (all)"))
+from bench import outputs
+
+PANELS = ("fid", "clip_score", "attr_acc_all")  # labels and directions: the metrics' declarations (bench.outputs)
+
+
+def panel_label(metric: str) -> str:
+    out = outputs.lookup(metric)
+    if out is None or out.direction == "none":
+        return outputs.label(metric)
+    return f"{outputs.label(metric)} ({out.direction} is better)"
 
 
 def varied_options(cells: Sequence[Any]) -> list[str]:
@@ -36,7 +45,7 @@ def plot_option_tradeoff(rows: list[dict[str, Any]], option: str, path: Path, ti
 
     df = pd.DataFrame(rows)
     df["_x"] = [json.loads(a).get(option) for a in df["method_args"]]
-    panels = [(m, label) for m, label in PANELS if m in df]
+    panels = [(m, panel_label(m)) for m in PANELS if m in df]
     if not panels or df["_x"].isna().all():
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), dpi=120, squeeze=False)

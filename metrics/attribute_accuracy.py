@@ -19,6 +19,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY_ALL = "attr_acc_all"
 KEY_MEAN = "attr_acc_mean"
@@ -94,6 +95,11 @@ def score(predicted: Mapping[str, np.ndarray], targets: Sequence[Mapping[str, An
 class AttributeAccuracy(Metric):
     name = "attribute-accuracy"
     summary = "GenEval-style attribute accuracy (count, shape, color, background) by the embedded feature network's heads"
+    outputs = (
+        Output(KEY_ALL, "attribute accuracy, all correct (shapes-cnn heads)", "higher", ".3f", "attribute-accuracy"),
+        Output(KEY_MEAN, "attribute accuracy, mean (shapes-cnn heads)", "higher", ".3f", "attribute-accuracy"),
+        Output("attr_acc_*", "attribute accuracy (shapes-cnn heads)", "higher", ".3f", "attribute-accuracy"),
+    )
     needs_targets = True
 
     def check(self, spec, reference: ReferenceSet) -> None:

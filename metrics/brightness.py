@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from bench.interfaces import Metric
+from bench.outputs import Output
 
 
 def per_image_brightness(images_uint8) -> np.ndarray:
@@ -25,6 +26,13 @@ def per_image_brightness(images_uint8) -> np.ndarray:
 class Brightness(Metric):
     name = "brightness"
     summary = "per-image mean intensity: 1st/99th percentiles and mean, against the reference set's"
+    outputs = (
+        Output("brightness_mean", "mean brightness (0-255)", "none", ".1f", "brightness", None),
+        Output("brightness_p01", "brightness p1", "none", ".1f", "brightness", None),
+        Output("brightness_p99", "brightness p99", "none", ".1f", "brightness", None),
+        Output("reference_brightness_p01", "reference brightness p1", "none", ".1f", "brightness", None),
+        Output("reference_brightness_p99", "reference brightness p99", "none", ".1f", "brightness", None),
+    )
 
     def protocol(self, spec, reference) -> dict[str, Any]:
         return {"statistic": "per-image mean of all pixels and channels, 0-255; percentiles 1 and 99",

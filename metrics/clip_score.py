@@ -21,6 +21,7 @@ import torch
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY = "clip_score"
 SCALE = 100.0
@@ -100,6 +101,10 @@ def clip_scores(model, preprocess, images_uint8: torch.Tensor, prompts: list[str
 class CLIPScore(Metric):
     name = "clip-score"
     summary = "CLIP score 100*max(cos,0) (torchmetrics scale) via clip-anytorch; the data set names the backbone"
+    outputs = (
+        Output(KEY, "CLIP score", "higher", ".3f", "clip-score"),
+        Output(f"{KEY}_std", "CLIP score std over images", "none", ".3f", "clip-score", None),
+    )
     needs_prompts = True
 
     def check(self, spec, reference: ReferenceSet) -> None:

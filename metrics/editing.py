@@ -21,6 +21,11 @@ with AlexNet (PIE-Bench itself used SqueezeNet) and structure distance uses DINO
 LPIPS without learned weights (channel-unit-normalized features, squared differences summed over channels,
 spatial mean, summed over layers; lpips' ``normalize_tensor`` and ``spatial_average``) over the five conv layers of
 the feature network (shapes-cnn32), and "structure-shapes" uses its 8x8 layer.
+
+The keys say which network computed a value, so that nobody compares the embedded world's numbers with a paper's
+LPIPS or DINO: ``bg_lpips``, ``gt_lpips``, ``recon_lpips`` and ``structure_distance`` on real images;
+``bg_dist_shapes_cnn32``, ``gt_dist_shapes_cnn32``, ``recon_dist_shapes_cnn32`` and ``structure_dist_shapes_cnn32``
+on the embedded world.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 PSNR_MSE_FLOOR = 1e-10  # identical images: PSNR 100 dB rather than infinity
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
+EMBEDDED_NET = "shapes_cnn32"  # the key suffix of the values the embedded world's feature network computes
 STRUCTURE_LAYER = 2  # shapes-cnn32: the third conv block, 64 channels at 8x8
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet weights, which lpips' "alex" backbone loads
 DINO_REPO, DINO_WEIGHTS = "facebookresearch_dino_main", "dino_vitbase8_pretrain.pth"
@@ -54,19 +61,21 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """SSIM (Wang et al. 2004) per image with torchmetrics' defaults (data range 1)."""
-    c1, c2 = SSIM_K[0] ** 2, SSIM_K[1] ** 2
-    coords = torch.arange(SSIM_WINDOW, dtype=torch.float64) - (SSIM_WINDOW - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
-    g = (g / g.sum()).to(a.dtype)
-    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, SSIM_WINDOW, SSIM_WINDOW)
+    """SSIM (Wang et al. 2004) per image by torchmetrics (data range 1, 11x11 Gaussian window, sigma 1.5), PIE-Bench's.
+
+    PIE-Bench used a torchmetrics (before 1.5) that cropped the reflection padding's border off the SSIM map before
+    averaging; torchmetrics 1.5 (Lightning-AI/torchmetrics#2721) averages the whole map. The protocol is PIE-Bench's:
+    torchmetrics' full map, its border (``(window - 1) / 2`` pixels) cropped, averaged per image. In float64:
+    torchmetrics clamps negative variances to 0, and float32 round-off in flat regions (the embedded world's
+    backgrounds, the masked-out region) would otherwise move SSIM by ~1e-4.
+    """
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    _, full = structural_similarity_index_measure(
+        a.double(), b.double(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW, data_range=1.0,
+        k1=SSIM_K[0], k2=SSIM_K[1], reduction="none", return_full_image=True)
     pad = (SSIM_WINDOW - 1) // 2
-    a_, b_ = (F.pad(x, (pad,) * 4, mode="reflect") for x in (a, b))
-    stack = torch.cat([a_, b_, a_ * a_, b_ * b_, a_ * b_])
-    mu_a, mu_b, aa, bb, ab = F.conv2d(stack, kernel, groups=a.shape[1]).chunk(5)
-    var_a, var_b, cov = aa - mu_a**2, bb - mu_b**2, ab - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s[..., pad:-pad, pad:-pad].flatten(1).mean(1)
+    return full[..., pad:-pad, pad:-pad].flatten(1).mean(1).to(a.dtype)
 
 
 def lpips_from_features(fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -121,6 +130,14 @@ class Backbones:
 
     def __init__(self, reference: ReferenceSet):
         self.embedded = bool(reference.embedded)
+
+    def lpips_key(self, prefix: str) -> str:
+        """``{prefix}_lpips`` (LPIPS, AlexNet) on real images, ``{prefix}_dist_shapes_cnn32`` on the embedded world."""
+        return f"{prefix}_dist_{EMBEDDED_NET}" if self.embedded else f"{prefix}_lpips"
+
+    def structure_key(self) -> str:
+        """``structure_distance`` (DINO ViT-B/8) on real images, ``structure_dist_shapes_cnn32`` on the embedded world."""
+        return f"structure_dist_{EMBEDDED_NET}" if self.embedded else "structure_distance"
 
     def lpips_protocol(self) -> dict[str, Any]:
         from bench.models import file_digest
@@ -260,6 +277,13 @@ class EditMetric(Metric):
 class EditBackground(EditMetric):
     name = "edit-background"
     summary = "background preservation (PIE-Bench): PSNR, MSE, SSIM, LPIPS against the source outside the edit mask"
+    outputs = (
+        Output("bg_psnr", "background PSNR", "higher", ".2f", "edit-background"),
+        Output("bg_mse", "background MSE", "lower", ".4f", "edit-background"),
+        Output("bg_ssim", "background SSIM", "higher", ".3f", "edit-background"),
+        Output("bg_lpips", "background LPIPS (AlexNet)", "lower", ".3f", "edit-background"),
+        Output("bg_dist_shapes_cnn32", "background feature distance (shapes-cnn32)", "lower", ".3f", "edit-background"),
+    )
     requires = "lpips"
 
     def protocol(self, spec, reference):
@@ -274,13 +298,17 @@ class EditBackground(EditMetric):
         source = _float01(_stack([it.source for it in ctx.items])) * keep
         ok = keep.flatten(1).sum(1) > 0
         values = {"bg_psnr": psnr(edited, source), "bg_mse": mse(edited, source), "bg_ssim": ssim(edited, source),
-                  "bg_lpips": backbones.lpips(edited, source)}
+                  backbones.lpips_key("bg"): backbones.lpips(edited, source)}
         return values, {k: ok for k in values}
 
 
 class EditStructure(EditMetric):
     name = "edit-structure"
     summary = "structure distance: MSE of feature self-similarity between edit and source (DINO on real images)"
+    outputs = (
+        Output("structure_distance", "structure distance (DINO ViT-B/8)", "lower", ".4f", "edit-structure"),
+        Output("structure_dist_shapes_cnn32", "structure distance (shapes-cnn32)", "lower", ".4f", "edit-structure"),
+    )
     requires = "structure"
 
     def protocol(self, spec, reference):
@@ -288,12 +316,16 @@ class EditStructure(EditMetric):
 
     def per_edit(self, ctx, backbones):
         source = _float01(_stack([it.source for it in ctx.items]))
-        return {"structure_distance": backbones.structure(_float01(ctx.samples), source)}, {}
+        return {backbones.structure_key(): backbones.structure(_float01(ctx.samples), source)}, {}
 
 
 class EditCLIP(EditMetric):
     name = "edit-clip"
     summary = "CLIP score of the target prompt on the edited image and on its edited region (PIE-Bench)"
+    outputs = (
+        Output("clip_whole", "CLIP whole image", "higher", ".2f", "edit-clip"),
+        Output("clip_edited", "CLIP edited region", "higher", ".2f", "edit-clip"),
+    )
     needs_prompts = True
 
     def check(self, spec, reference):
@@ -321,6 +353,11 @@ class EditCLIP(EditMetric):
 class EditGroundTruth(EditMetric):
     name = "edit-ground-truth"
     summary = "distance to the ground-truth edited image (embedded-edits): PSNR and LPIPS, whole image"
+    outputs = (
+        Output("gt_psnr", "ground-truth PSNR", "higher", ".2f", "edit-ground-truth"),
+        Output("gt_lpips", "ground-truth LPIPS (AlexNet)", "lower", ".3f", "edit-ground-truth"),
+        Output("gt_dist_shapes_cnn32", "ground-truth feature distance (shapes-cnn32)", "lower", ".3f", "edit-ground-truth"),
+    )
     requires = "lpips"
 
     def check(self, spec, reference):
@@ -336,12 +373,17 @@ class EditGroundTruth(EditMetric):
         if any(it.target is None for it in ctx.items):
             raise BenchError(f"{self.name}: some edits have no ground-truth target")
         edited, target = _float01(ctx.samples), _float01(_stack([it.target for it in ctx.items]))
-        return {"gt_psnr": psnr(edited, target), "gt_lpips": backbones.lpips(edited, target)}, {}
+        return {"gt_psnr": psnr(edited, target), backbones.lpips_key("gt"): backbones.lpips(edited, target)}, {}
 
 
 class ReconstructionError(EditMetric):
     name = "reconstruction"
     summary = "PSNR and LPIPS against the source, whole image: an inversion method's reconstruction error"
+    outputs = (
+        Output("recon_psnr", "reconstruction PSNR", "higher", ".2f", "reconstruction"),
+        Output("recon_lpips", "reconstruction LPIPS (AlexNet)", "lower", ".3f", "reconstruction"),
+        Output("recon_dist_shapes_cnn32", "reconstruction feature distance (shapes-cnn32)", "lower", ".3f", "reconstruction"),
+    )
     requires = "lpips"
 
     def protocol(self, spec, reference):
@@ -349,5 +391,5 @@ class ReconstructionError(EditMetric):
 
     def per_edit(self, ctx, backbones):
         edited, source = _float01(ctx.samples), _float01(_stack([it.source for it in ctx.items]))
-        return {"recon_psnr": psnr(edited, source), "recon_lpips": backbones.lpips(edited, source)}, {}
+        return {"recon_psnr": psnr(edited, source), backbones.lpips_key("recon"): backbones.lpips(edited, source)}, {}
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY_REWARD = "reward"
 KEY_HUMAN = "human_approval"
@@ -35,6 +36,12 @@ class FeedbackRewardMetric(Metric):
     name = "feedback-reward"
     summary = ("the feedback world's rewards: the learned reward model's mean P(approved), the simulated human's approval, "
                "the feature network's accuracy on the judged attributes")
+    outputs = (
+        Output(KEY_REWARD, "reward model P(approved)", "higher", ".3f", "feedback-reward"),
+        Output(KEY_HUMAN, "simulated human approval", "higher", ".3f", "feedback-reward"),
+        Output("human_*", "simulated human, per attribute", "higher", ".3f", "feedback-reward"),
+        Output(KEY_ACCURACY, "feedback accuracy (shapes-cnn32 heads)", "higher", ".3f", "feedback-reward"),
+    )
     needs_prompts = True
     needs_targets = True
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 KEY_FID = "fid"
 KEY_KID_MEAN = "kid_mean"
@@ -113,6 +114,7 @@ class FeatureMetric(Metric):
 class FID(FeatureMetric):
     name = "fid"
     summary = "Frechet distance between feature Gaussians (Heusel et al. 2017), via torch-fidelity"
+    outputs = (Output(KEY_FID, "FID", "lower", ".3f", "fid", 0.10),)
 
     def check(self, spec, reference: ReferenceSet) -> None:
         super().check(spec, reference)
@@ -140,6 +142,10 @@ def kid_subset_size(num_samples: int) -> int:
 class KID(FeatureMetric):
     name = "kid"
     summary = "Kernel distance, unbiased at small N (Binkowski et al. 2018), mean and std over subsets"
+    outputs = (
+        Output(KEY_KID_MEAN, "KID x 1e3", "lower", ".3f", "kid", 0.25, scale=1e3),
+        Output(KEY_KID_STD, "KID std over subsets x 1e3", "none", ".3f", "kid", None, scale=1e3),
+    )
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench.interfaces import Metric
+from bench.outputs import Output
 
 
 def timed_batches(n_batches: int, warmup: int) -> range:
@@ -37,6 +38,18 @@ def spread(values_ms: Sequence[float], prefix: str) -> dict[str, float]:
 class Latency(Metric):
     name = "latency"
     summary = "sampling latency per image and per denoiser call (medians), NFE, throughput"
+    outputs = (
+        Output("latency_per_image_ms", "ms / image", "lower", ".2f", "latency", None),
+        Output("latency_per_image_ms_std", "ms / image (std over batches)", "none", ".2f", "latency", None),
+        Output("latency_per_image_ms_*", "ms / image (spread)", "none", ".2f", "latency", None),
+        Output("latency_per_call_ms", "ms / denoiser call", "lower", ".2f", "latency", None),
+        Output("latency_per_call_ms_*", "ms / denoiser call (spread)", "none", ".2f", "latency", None),
+        Output("throughput_images_per_s", "images / s", "higher", ".2f", "latency", None),
+        Output("nfe", "NFE", "lower", "g", "nfe", 0.0),  # counted, whatever the protocol: nothing to match
+        Output("timed_batches", "timed batches", "none", ".0f", "latency", None),
+        Output("sampling_seconds", "sampling s", "lower", ".2f", "latency", None),
+        Output("denoiser_seconds", "denoiser s", "lower", ".2f", "latency", None),
+    )
 
     def protocol(self, spec, reference) -> dict[str, Any]:
         from bench.runtime import non_default
@@ -75,6 +88,7 @@ class Latency(Metric):
 class Memory(Metric):
     name = "memory"
     summary = "peak memory of the run (CUDA max allocated, or the process's max RSS on a CPU)"
+    outputs = (Output("peak_memory_mb", "peak MB", "lower", ".0f", "memory", None),)
 
     def protocol(self, spec, reference) -> dict[str, Any]:
         return {"source": "cuda max_memory_allocated" if spec.device.startswith("cuda") else "process max RSS (includes loading)"}

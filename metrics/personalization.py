@@ -9,7 +9,9 @@
   the mean cosine similarity of self-supervised image embeddings, generated against real. Real
   data sets: DINO ViT-S/16's [CLS] embedding (``facebook/dino-vits16`` through transformers).
   The embedded world: the ``shapes-cnn32`` feature network's 64-d embedding ("DINO-style":
-  it is trained on the renderer's attributes, not self-supervised; the protocol says so).
+  it is trained on the renderer's attributes, not self-supervised; the protocol says so), recorded
+  as ``subject_sim_shapes_cnn32`` (and ``subject_sim_shapes_cnn32_real``), not ``dino``, so that
+  nobody compares it with a paper's DINO score.
 
 Each also reports the same similarity among the subject's own real images (``*_real``: every
 pair of distinct images), the ceiling a perfect method would reach (the paper's "Real Images" row).
@@ -31,9 +33,11 @@ import torch
 
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
+from bench.outputs import Output
 
 DINO_HUB_ID = "facebook/dino-vits16"
 EMBEDDED_DINO = "shapes-cnn32"
+KEY_DINO, KEY_EMBEDDED = "dino", "subject_sim_shapes_cnn32"  # the key names the network that computed it
 BATCH = 256
 
 
@@ -136,6 +140,10 @@ class _CLIPMetric(Metric):
 class CLIPI(_CLIPMetric):
     name = "clip-i"
     summary = "CLIP-I (DreamBench subject fidelity): mean CLIP image-image cosine, generated vs the subject's real images"
+    outputs = (
+        Output("clip_i", "CLIP-I (cos)", "higher", ".3f", "clip-i"),
+        Output("clip_i_real", "CLIP-I among real images", "none", ".3f", "clip-i", None),
+    )
     formula = "mean over samples and the subject's real images of cos(E_img(generated), E_img(real))"
 
     def compute(self, ctx) -> dict[str, float]:
@@ -147,6 +155,7 @@ class CLIPI(_CLIPMetric):
 class CLIPT(_CLIPMetric):
     name = "clip-t"
     summary = "CLIP-T (DreamBench prompt fidelity): mean CLIP image-text cosine, the prompt with the class noun"
+    outputs = (Output("clip_t", "CLIP-T (cos)", "higher", ".3f", "clip-t"),)
     formula = "mean over samples of cos(E_img(generated), E_txt(prompt with the class noun for the subject))"
 
     def compute(self, ctx) -> dict[str, float]:
@@ -214,6 +223,12 @@ class DINO(Metric):
     name = "dino"
     summary = ("DINO score (DreamBench subject fidelity): mean cosine of DINO ViT-S/16 embeddings, generated vs real; "
                "the feature network's on the embedded world")
+    outputs = (
+        Output(KEY_DINO, "DINO (ViT-S/16, cos)", "higher", ".3f", "dino"),
+        Output(f"{KEY_DINO}_real", "DINO among real images", "none", ".3f", "dino", None),
+        Output(KEY_EMBEDDED, "subject similarity (shapes-cnn32, cos)", "higher", ".3f", "dino"),
+        Output(f"{KEY_EMBEDDED}_real", "subject similarity among real images (shapes-cnn32)", "none", ".3f", "dino", None),
+    )
     needs_prompts = True
     needs_targets = True
 
@@ -244,7 +259,8 @@ class DINO(Metric):
     def compute(self, ctx) -> dict[str, float]:
         embed = dino_embedder(dino_backbone(ctx.reference), ctx.device)
         score, ceiling = subject_fidelity(embed, ctx.samples, _subject_of_samples(ctx), _subjects_by_name(ctx.reference))
-        return {"dino": score, "dino_real": ceiling}
+        key = KEY_EMBEDDED if ctx.reference.embedded else KEY_DINO
+        return {key: score, f"{key}_real": ceiling}
 
 
 # -- prior drift (used by the methods' prepare) ---------------------------------------------------------------------------

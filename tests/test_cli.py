@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -146,9 +147,9 @@ def test_sweep_writes_table_plot_and_one_run_per_cell(workdir, tiny_model_dir, c
     rc = main(["sweep", "--model", str(tiny_model_dir), "--method", "ddim,ddpm", "--steps", "2,4", "--seeds", "2",
                "--num-samples", "128", "--batch-size", "128", "--metrics", "fid,latency", "--no-progress",
                "--out", "sw"])
-    out = capsys.readouterr().out
+    out = re.sub(r" +", " ", capsys.readouterr().out)  # pandas' to_markdown pads the columns
     assert rc == 0
-    assert "| method | steps | NFE | seeds | FID |" in out
+    assert "| method | steps | NFE | seeds | FID | ms / image |" in out
     table = (workdir / "sw" / "table.md").read_text()
     assert table.count("\n") == 2 + 4 and "+-" in table  # 4 configurations, intervals over 2 seeds
     assert (workdir / "sw" / "fid_vs_nfe.png").stat().st_size > 1000
@@ -162,7 +163,7 @@ def test_sweep_suite_file(workdir, tiny_model_dir, capsys):
         "seeds: 1\ngrid:\n  - {method: ddim, steps: [2], method_args: {eta: 1.0}}\n  - {method: ddpm, steps: [3]}\n"
     )
     assert main(["sweep", "--suite", "suite.yaml", "--no-progress", "--out", "s"]) == 0
-    table = (workdir / "s" / "table.md").read_text()
+    table = re.sub(r" +", " ", (workdir / "s" / "table.md").read_text())
     assert "ddim(eta=1.0)" in table and "| ddpm | 3 | 3 |" in table
 
 
@@ -175,3 +176,47 @@ def test_evaluate_recomputes_metrics_from_saved_samples(workdir, tiny_model_dir,
     (workdir / "r" / "samples" / "shard-00001.npy").write_bytes(b"garbage")
     assert main(["evaluate", "r"]) == 2
     assert "unreadable" in capsys.readouterr().err
+
+
+def test_method_options_convert_by_their_resolved_types():
+    """Options come from the Args dataclass's type hints (typing.get_type_hints), not from the text of field.type."""
+    import argparse
+    import dataclasses
+    from typing import Literal, Optional
+
+    from bench.cli.options import converter, method_option_types
+
+    @dataclasses.dataclass(frozen=True)
+    class Args:
+        steps: Optional[int] = None  # the text "typing.Optional[int]" read as a string option before
+        scale: "float | None" = None
+        guided: bool = True
+        mode: Literal["ddim", "null-text"] = "ddim"
+        order: Literal[1, 2, 3] = 2
+        name: str = "x"
+
+    types = method_option_types(Args)
+    assert types["steps"]("4") == 4 and types["scale"]("0.5") == 0.5 and types["name"]("7") == "7"
+    assert types["guided"]("false") is False and types["guided"]("1") is True
+    assert types["mode"]("null-text") == "null-text" and types["order"]("3") == 3
+    for kind, text in (("guided", "maybe"), ("mode", "sdedit"), ("order", "4")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            types[kind](text)
+    assert converter(list[int]) is str  # anything else stays text
+
+
+def test_method_option_types_of_every_registered_method():
+    import dataclasses
+
+    from bench.catalog import METHODS
+    from bench.cli.options import method_option_types, parse_bool
+
+    for name in METHODS.names():
+        args = METHODS.get(name).Args
+        types = method_option_types(args)
+        assert set(types) == {f.name for f in dataclasses.fields(args)}
+        for f in dataclasses.fields(args):
+            if isinstance(f.default, bool):
+                assert types[f.name] is parse_bool, (name, f.name)
+            elif isinstance(f.default, (int, float)):
+                assert types[f.name] is type(f.default), (name, f.name)

@@ -13,6 +13,8 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from bench.cli.main import main
+from bench.interfaces import Metric as BenchMetric
+from bench.outputs import Output
 
 
 def make_run(client: MlflowClient, experiment: str = "diffbench", *, method: str = "ddim", steps: int = 10,
@@ -84,7 +86,7 @@ def test_table_and_markdown_formats(store, capsys):
     table = capsys.readouterr().out
     assert "rank  method" in table and "ddpm(variance_type=fixed_large)" in table and "on cpu" in table
     assert main(["leaderboard", "--tracking-uri", uri, "--format", "md"]) == 0
-    md = capsys.readouterr().out
+    md = re.sub(r" +", " ", capsys.readouterr().out)  # pandas' to_markdown pads the columns
     assert "| rank | method | steps | NFE | seeds | FID |" in md and "| 1 | ddim | 10 | 10 | 1 | 3.000 |" in md
 
 
@@ -134,3 +136,47 @@ def test_bad_selection_is_one_line(store, capsys):
     assert "no run of the selection has the metric 'clip_score'" in err and "fid" in err
     assert main(["leaderboard", "--tracking-uri", uri, "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+class ToySharpness(BenchMetric):
+    """A new metric is one file: a class that declares its outputs, and one register call."""
+
+    name = "toy-sharpness"
+    summary = "a toy metric: declared higher-is-better, one decimal, its own label"
+    outputs = (Output("toy_sharpness", "sharpness (toy)", "higher", ".1f", "toy-sharpness", 0.2),)
+
+    def compute(self, ctx):
+        return {"toy_sharpness": 1.0}
+
+
+def test_a_new_metric_declares_its_direction_label_and_format(store, capsys, monkeypatch):
+    """Registered through the registry API: the leaderboard ranks, labels and formats it from its declaration."""
+    from bench import outputs
+    from bench.catalog import METRICS
+    from bench.leaderboard import metric_family
+
+    monkeypatch.setattr(METRICS, "_entries", dict(METRICS._entries))  # the registration ends with the test
+    monkeypatch.setattr(METRICS, "_loaded", dict(METRICS._loaded))
+    METRICS.register("toy-sharpness", "tests.test_leaderboard:ToySharpness", ToySharpness.summary)
+    out = outputs.lookup("toy_sharpness")
+    assert out is not None and out.label == "sharpness (toy)" and not outputs.lower_is_better("toy_sharpness")
+    assert metric_family("toy_sharpness") == "toy-sharpness" and outputs.tolerance("toy_sharpness") == 0.2
+    uri, client = store
+    make_run(client, fid=3.0, extra_metrics={"toy_sharpness": 0.25})
+    make_run(client, method="ddpm", fid=4.0, extra_metrics={"toy_sharpness": 0.75}, args={"variance_type": "fixed_large"})
+    assert main(["leaderboard", "--tracking-uri", uri, "--metric", "toy_sharpness", "--format", "md"]) == 0
+    md = re.sub(r" +", " ", capsys.readouterr().out)
+    assert "| rank | method | steps | NFE | seeds | sharpness (toy) |" in md
+    assert "| 1 | ddpm(variance_type=fixed_large) | 10 | 10 | 1 | 0.8 |" in md  # higher first, ".1f"
+    assert "| 2 | ddim | 10 | 10 | 1 | 0.2 |" in md and "higher is better" in md
+
+
+def test_an_undeclared_metric_value_is_refused():
+    from bench.errors import BenchError
+    from bench.runner import checked_values
+
+    toy = ToySharpness()
+    assert checked_values(toy, {"toy_sharpness": 1.0, "toy_sharpness/part": 2.0}) == {"toy_sharpness": 1.0,
+                                                                                      "toy_sharpness/part": 2.0}
+    with pytest.raises(BenchError, match="returned toy_blur, which it does not declare"):
+        checked_values(toy, {"toy_sharpness": 1.0, "toy_blur": 0.5})

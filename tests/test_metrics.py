@@ -114,3 +114,43 @@ def test_latency_leaves_out_warmup_and_takes_medians():
     assert out["nfe"] == 5 and out["timed_batches"] == 3
     assert out["throughput_images_per_s"] == pytest.approx(30 / 6.0)
     assert list(timed_batches(1, 1)) == [0]  # a single batch is timed rather than nothing
+
+
+def test_every_metric_declares_its_outputs():
+    """Each registered metric declares key, label, direction, format, family and tolerance of every value."""
+    from bench.catalog import METRICS
+    from bench.outputs import DIRECTIONS, lookup
+
+    for name in METRICS.names():
+        outputs = METRICS.get(name).outputs
+        assert outputs, f"metric {name} declares no outputs"
+        keys = [o.key for o in outputs]
+        assert len(keys) == len(set(keys)), name
+        for o in outputs:
+            assert o.label and o.direction in DIRECTIONS and format(1.5, o.fmt) and o.family, (name, o)
+            if not o.key.endswith("*"):
+                assert lookup(o.key) is not None
+    for key, direction in (("fid", "lower"), ("clip_score", "higher"), ("attr_acc_color", "higher"),
+                           ("bg_psnr/color", "higher"), ("structure_dist_shapes_cnn32", "lower"),
+                           ("subject_sim_shapes_cnn32", "higher"), ("human_count", "higher")):
+        assert lookup(key).direction == direction, key
+
+
+def test_latency_values_are_all_declared():
+    from bench.outputs import undeclared
+
+    timings = SamplingTimings(batch_seconds=[1.0, 2.0], batch_sizes=[4, 4], batch_calls=[3, 3],
+                              call_seconds=[[0.1] * 3, [0.2] * 3], peak_memory_bytes=2**20)
+    ctx = EvalContext(spec=RunSpec(warmup_batches=0), samples=torch.zeros(8, 3, 16, 16, dtype=torch.uint8),
+                      reference=Shapes16(), device=torch.device("cpu"), timings=timings)
+    assert undeclared(Latency().compute(ctx), Latency.outputs) == []
+
+
+def test_every_declared_claim_names_a_declared_output():
+    """A claim's metric is a key some metric (or the run) declares: its direction and format come from there."""
+    from bench.catalog import METHODS
+    from bench.outputs import lookup
+
+    for name in METHODS.names():
+        for claim in getattr(METHODS.get(name), "claims", ()):
+            assert lookup(claim.metric) is not None, (name, claim.id, claim.metric)

@@ -70,7 +70,6 @@ def run(args) -> int:
     suite = load_suite(args.suite)
     baseline_path = Path(args.baseline) if args.baseline else default_baseline(args.suite)
     baseline = None if args.update_baseline and not baseline_path.exists() else nightly.load_baseline(baseline_path)
-    tolerances = suite.regression or dict(nightly.DEFAULT_TOLERANCES)
     file_values = load_spec_file(args.config) if args.config else {}
     base = resolve_spec(options.spec_values(args), {**suite.defaults, **file_values})
     tracker = Tracker(args.tracking_uri, base.experiment)
@@ -78,6 +77,8 @@ def run(args) -> int:
     sid = sweep_id(base, suite.cells)
     out = Path(args.out) if args.out else Path("bench-runs") / f"nightly-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     plans = plan_cells(suite.name, base, suite.cells)
+    # the suite's tolerances, else the defaults its metrics declare (bench.outputs.Output.tolerance)
+    tolerances = suite.regression or nightly.default_tolerances(sorted({m for _, plan in plans for m in plan.metrics}))
     if baseline and not args.update_baseline:  # fail before sampling, not after
         nightly.check_protocols(baseline, {cell.key(): plan.eval_protocol_hash for cell, plan in plans})
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import types
+import typing
+from typing import Any, Callable
 
 from bench.runtime import ATTENTION
 from bench.spec import DEFAULT_DATASET, DEFAULT_METRICS, DEFAULT_NUM_SAMPLES, DTYPES, RunSpec
@@ -66,15 +68,46 @@ def add_spec_options(p: argparse.ArgumentParser, method_required: bool = False) 
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def method_option_type(field: dataclasses.Field):
-    annotation = str(field.type).replace(" ", "")
-    if annotation.startswith("float"):
-        return float
-    if annotation.startswith("int"):
-        return int
-    if annotation.startswith("bool"):
-        return lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def parse_bool(text: str) -> bool:
+    try:
+        return BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"must be true or false, got {text!r}") from None
+
+
+def converter(tp: Any) -> Callable[[str], Any]:
+    """The function that turns an option's text into a value of type ``tp`` (a resolved annotation).
+
+    ``X | None`` and ``Optional[X]`` convert as X; ``Literal[...]`` accepts its values only; bool takes
+    true/false/1/0/yes/no; int, float and str are themselves; anything else stays text.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return converter(inner[0]) if len(inner) == 1 else str
+    if origin is typing.Literal:
+        by_text = {str(v): v for v in args}
+
+        def literal(text: str) -> Any:
+            if text not in by_text:
+                raise argparse.ArgumentTypeError(f"must be one of {', '.join(by_text)}, got {text!r}")
+            return by_text[text]
+
+        return literal
+    if tp is bool:
+        return parse_bool
+    if tp in (int, float, str):
+        return tp
     return str
+
+
+def method_option_types(args_class: type) -> dict[str, Callable[[str], Any]]:
+    """Each field of a method's Args dataclass: its converter, from the resolved type hints (not their text)."""
+    hints = typing.get_type_hints(args_class)
+    return {f.name: converter(hints.get(f.name, str)) for f in dataclasses.fields(args_class)}
 
 
 def value_list(convert):
@@ -97,11 +130,12 @@ def add_method_options(p: argparse.ArgumentParser, method_name: str, only: list[
     cls = METHODS.get(method_name)
     g = p.add_argument_group(f"options of method {method_name!r} ({cls.paper})")
     dests = []
+    converters = method_option_types(cls.Args)
     for f in dataclasses.fields(cls.Args):
         if only is not None and f.name not in only:
             continue
         default = f.default if f.default is not dataclasses.MISSING else None
-        convert = method_option_type(f)
+        convert = converters[f.name]
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"m_{f.name}", type=value_list(convert) if lists else convert,
                        metavar=f"{f.name.upper()}[,...]" if lists else f.name.upper(), default=None,
                        help=f"{f.metadata.get('help', '')} (default: {default})".strip())

@@ -61,14 +61,9 @@ def print_config(plan) -> None:
     sys.stdout.flush()
 
 
-def personalization_rows(v: dict, ref) -> list[tuple[str, str]]:
-    """DreamBench's metrics, the training budget and the prior drift (methods that train in prepare)."""
+def training_rows(v: dict) -> list[tuple[str, str]]:
+    """The training budget and the prior drift (methods that train in prepare)."""
     rows = []
-    for key, label in (("clip_i", f"CLIP-I [{ref.clip_backbone}, cos]"), ("dino", "DINO [feature cos]")):
-        if key in v:
-            rows.append((label, f"{v[key]:.3f} (real images among themselves {v[key + '_real']:.3f})"))
-    if "clip_t" in v:
-        rows.append((f"CLIP-T [{ref.clip_backbone}, cos]", f"{v['clip_t']:.3f}"))
     if "train_steps" in v:
         rows.append(("training", f"{int(v['train_steps'])} steps, {int(v['train_params']):,} trained params, "
                                  f"{v['train_seconds']:.1f} s, peak {v['train_peak_memory_bytes'] / 2**20:.0f} MB, "
@@ -80,10 +75,29 @@ def personalization_rows(v: dict, ref) -> list[tuple[str, str]]:
     return rows
 
 
-EDIT_ROWS = (("background PSNR", "bg_psnr", "{:.2f}"), ("background LPIPS", "bg_lpips", "{:.3f}"),
-             ("background SSIM", "bg_ssim", "{:.3f}"), ("structure distance", "structure_distance", "{:.4f}"),
-             ("CLIP whole image", "clip_whole", "{:.2f}"), ("CLIP edited region", "clip_edited", "{:.2f}"),
-             ("ground-truth PSNR", "gt_psnr", "{:.2f}"), ("reconstruction PSNR", "recon_psnr", "{:.2f}"))
+# values with a row of their own in format_results (composites: KID with its spread, latency with its IQR, ...)
+COMPOSED = ("fid", "kid_mean", "clip_score", "attr_acc_all", "attr_acc_mean", "latency_per_image_ms",
+            "latency_per_call_ms", "throughput_images_per_s", "nfe", "peak_memory_mb", "sampling_seconds",
+            "denoiser_seconds")
+
+
+def declared_rows(v: dict, metrics) -> list[tuple[str, str]]:
+    """A row per other ranked value the run's metrics declare (bench.outputs.Output): its label, its format;
+    a ``{key}_real`` companion (the real images among themselves) and the per-edit-type breakdown beside it."""
+    rows = []
+    for metric in metrics:
+        for out in metric.outputs:
+            key = out.key
+            if key.endswith("*") or key in COMPOSED or out.direction == "none" or key not in v:
+                continue
+            text = out.format(v[key])
+            if f"{key}_real" in v:
+                text += f" (real images among themselves {out.format(v[key + '_real'])})"
+            types = sorted(k.split("/", 1)[1] for k in v if k.startswith(key + "/"))
+            if types:
+                text += " (" + ", ".join(f"{t} {out.format(v[f'{key}/{t}'])}" for t in types) + ")"
+            rows.append((out.label, text))
+    return rows
 
 
 def format_results(result, tracker_uri: str) -> str:
@@ -100,7 +114,8 @@ def format_results(result, tracker_uri: str) -> str:
     if "attr_acc_all" in v:
         per = ", ".join(f"{k[9:]} {v[k]:.3f}" for k in sorted(v) if k.startswith("attr_acc_") and k not in ("attr_acc_all", "attr_acc_mean"))
         rows.append(("attribute accuracy", f"{v['attr_acc_all']:.3f} all correct ({per})"))
-    rows += personalization_rows(v, ref)
+    rows += declared_rows(v, result.plan.metrics.values())
+    rows += training_rows(v)
     if "latency_per_image_ms" in v:
         iqr = (f", IQR {v['latency_per_image_ms_p25']:.2f}-{v['latency_per_image_ms_p75']:.2f}"
                if "latency_per_image_ms_p25" in v else "")
@@ -109,11 +124,6 @@ def format_results(result, tracker_uri: str) -> str:
                     if "latency_per_call_ms_p25" in v else "")
         rows.append(("latency / denoiser call", f"{v['latency_per_call_ms']:.2f} ms{call_iqr}"))
         rows.append(("NFE", f"{v['nfe']:g}"))
-    for label, key, fmt in EDIT_ROWS:  # editing runs: every value per edit type is in results.json and MLflow
-        if key in v:
-            types = sorted(k.split("/", 1)[1] for k in v if k.startswith(key + "/"))
-            per = ", ".join(f"{t} {fmt.format(v[f'{key}/{t}'])}" for t in types)
-            rows.append((label, fmt.format(v[key]) + (f" ({per})" if per else "")))
     if "peak_memory_mb" in v:
         rows.append(("peak memory", f"{v['peak_memory_mb']:.0f} MB"))
     rows.append(("samples", f"{int(v['num_samples'])}"))
