@@ -50,8 +50,9 @@ def plugin(tmp_path, monkeypatch):
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     registry = catalog.METHODS
-    for name in ("_entries", "_loaded"):  # the registry as it was, back after the test
-        monkeypatch.setattr(registry, name, dict(getattr(registry, name)))
+    for name, value in list(vars(registry).items()):  # the registry's tables as they were, back after the test
+        if isinstance(value, dict):
+            monkeypatch.setattr(registry, name, dict(value))
     monkeypatch.setattr(registry, "_plugins_scanned", False)
     return registry
 
