@@ -225,8 +225,10 @@ def guided_eps(unet, x: torch.Tensor, t, context: torch.Tensor, guidance: float)
     """CFG noise estimate with ``context`` = [uncond; cond] (or cond alone when guidance is 1)."""
     if guidance == 1.0:
         return unet(x, t, encoder_hidden_states=context).sample
+    from bench.sampling import guide
+
     eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+    return guide(eps_u, eps_c, guidance)
 
 
 def text_context(model, texts: Sequence[str], guidance: float) -> torch.Tensor:
@@ -243,10 +245,9 @@ class Trajectory:
 
 
 def ddim_scheduler(model, steps: int):
-    from diffusers import DDIMScheduler
+    from bench import sampling
 
-    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    scheduler = DDIMScheduler.from_config(config)
+    scheduler = sampling.make_scheduler(model, "DDIMScheduler", sampler_defaults=False)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -254,26 +255,26 @@ def ddim_scheduler(model, steps: int):
 @torch.no_grad()
 def sample_with_logprob(model, texts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
                         eta: float) -> Trajectory:
-    """CFG + DDIM(eta) from per-sample seeds (initial noise and step noise drawn on the CPU from seed i)."""
-    from diffusers.utils.torch_utils import randn_tensor
+    """CFG + DDIM(eta) from per-sample seeds (initial noise and step noise drawn on the CPU from seed i), by
+    ``bench.sampling.denoise`` with the trajectory recorded and, for eta > 0, the log-prob step."""
+    from bench import sampling
 
     scheduler = ddim_scheduler(model, steps)
     param = next(model.unet.parameters())
     context = text_context(model, texts, guidance).to(param.dtype)
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (len(seeds), *model.latent_shape)
-    x = (randn_tensor(shape, generator=generators, dtype=torch.float32) * scheduler.init_noise_sigma).to(param.device, param.dtype)
-    xs, log_probs = [x], []
-    for t in scheduler.timesteps:
-        eps = guided_eps(model.unet, scheduler.scale_model_input(x, t), t, context, guidance)
-        if eta > 0:
-            noise = randn_tensor(shape, generator=generators, dtype=torch.float32).to(param.device, param.dtype)
-            x, lp = ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=noise)
-            log_probs.append(lp)
-        else:
-            x = scheduler.step(eps, t, x).prev_sample
-        xs.append(x)
-    return Trajectory(torch.stack(xs), torch.stack(log_probs) if log_probs else None, scheduler.timesteps.clone())
+    gens = sampling.generators(seeds)
+    x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
+
+    def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
+        return guided_eps(model.unet, scheduler.scale_model_input(x, t), t, context, guidance)
+
+    def logprob_step(eps: torch.Tensor, t, x: torch.Tensor, k: int):
+        noise = sampling.cpu_noise(gens, model.latent_shape, param.device, param.dtype)
+        return ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=noise)
+
+    out = sampling.denoise(scheduler, x, predict, step=logprob_step if eta > 0 else None, record=True)
+    return Trajectory(torch.stack(out.latents), torch.stack(out.log_probs) if out.log_probs else None,
+                      scheduler.timesteps.clone())
 
 
 def feedback_hits(predicted: dict[str, np.ndarray], targets: Sequence[Any]) -> np.ndarray:

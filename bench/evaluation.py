@@ -9,9 +9,10 @@ shared by FID, KID and precision/recall.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -19,6 +20,32 @@ from bench.interfaces import ReferenceSet
 from bench.spec import RunSpec, stable_hash
 
 FEATURE_BATCH_SIZE = 200
+METRIC_THREADS = 1  # the metric phase's CPU threads, whatever the process has: sums do not depend on the machine's
+
+
+@contextmanager
+def metric_threads(n: int = METRIC_THREADS) -> Iterator[None]:
+    """Run the block with ``n`` intra-op torch threads and ``n`` BLAS/OpenMP threads, then restore them.
+
+    A feature network's reductions (and numpy's covariance) are summed in an order that depends on the thread
+    count, so the same samples gave FIDs that differ in the 8th digit between a one-process run (all cores) and
+    a torchrun process (one thread). With the count fixed here, the metrics of the same samples are the same
+    bytes whatever the process count, OMP_NUM_THREADS or the number of cores.
+    """
+    before = torch.get_num_threads()
+    limits = nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+
+        limits = threadpool_limits(limits=n)
+    except ImportError:  # numpy's BLAS keeps its threads; torch's are fixed all the same
+        pass
+    torch.set_num_threads(n)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cache_dir() -> Path:
@@ -79,9 +106,10 @@ class EvalContext:
         from torch_fidelity.utils import get_featuresdict_from_dataset
 
         fe = self.extractor(name, layer)
-        feats = get_featuresdict_from_dataset(
-            dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
-        )
+        with metric_threads():
+            feats = get_featuresdict_from_dataset(
+                dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
+            )
         return feats[layer].double()
 
     def sample_features(self, name: str, layer: str) -> torch.Tensor:

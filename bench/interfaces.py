@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from bench.claim import Claim
 from bench.errors import BenchError
@@ -111,8 +111,68 @@ class EditItem:
     instruction: str = ""
 
 
+def check_finite(method: str, option: str, value: Any) -> None:
+    """Refuse nan and inf in a method option (a float, or floats in a list or mapping): one place for every adapter.
+
+    An infinite guidance scale samples black images and a nan scale samples unguided, both with a number that
+    looks like a result; neither is ever a setting.
+    """
+    import math
+
+    if isinstance(value, Mapping):
+        values = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        values = list(value)
+    else:
+        values = [value]
+    for v in values:
+        if isinstance(v, (list, tuple, Mapping)):
+            check_finite(method, option, v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise BenchError(f"method {method!r}: --{option.replace('_', '-')} must be a finite number, got {v}")
+
+
+CONDITIONINGS = ("none", "text", "classifier", "edit")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a run: sample i of the batch is the run's sample ``indices[i]``, drawn from ``seeds[i]``.
+
+    ``prompts``: the samples' prompts (conditioning "text"; "edit": the target prompts); ``edits``: the samples'
+    edits (conditioning "edit"); ``targets``: the attributes each sample is asked to have (classifier guidance, or
+    the prompts' attributes), empty where none. Sample i must depend on (seeds[i], prompts[i], edits[i]) alone.
+    """
+
+    seeds: tuple[int, ...]
+    steps: int
+    indices: tuple[int, ...] = ()
+    prompts: tuple[str, ...] = ()
+    edits: tuple[EditItem, ...] = ()
+    targets: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "indices", "prompts", "edits", "targets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.indices:
+            object.__setattr__(self, "indices", tuple(range(len(self.seeds))))
+        n = len(self.seeds)
+        for name in ("indices", "prompts", "edits", "targets"):
+            got = len(getattr(self, name))
+            if got and got != n:
+                raise ValueError(f"{got} {name} for {n} seeds")
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
 class Method(ABC):
-    """A method adapter: one paper, one class. Options are the fields of ``Args``."""
+    """A method adapter: one paper, one class. Options are the fields of ``Args``.
+
+    The contract: ``generate(model, batch, denoiser)``; ``conditioning`` says what a batch carries for it ("none":
+    seeds alone; "text": prompts; "classifier": targets; "edit": edits and their target prompts). The hooks below
+    (``check``, ``check_dataset``, ``prepare``, ``protocol``, ``targets``) have defaults that do nothing.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -120,8 +180,7 @@ class Method(ABC):
     card: ClassVar[MethodCard]
     model_kinds: ClassVar[tuple[str, ...]] = ("pixel-diffusion",)
     Args: ClassVar[type] = NoArgs
-    text_conditioned: ClassVar[bool] = False  # True: generate() takes the prompts of its samples
-    conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit": which contract tests apply
+    conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit" (CONDITIONINGS)
     default_dataset: ClassVar[str | None] = None  # used instead of the spec's default data set, if set
     claims: ClassVar[tuple[Claim, ...]] = ()  # the paper's claims, decided by `bench claims` (bench/claims.py)
 
@@ -136,10 +195,15 @@ class Method(ABC):
         if unknown:
             opts = ", ".join(f"--{n.replace('_', '-')}" for n in known) or "none"
             raise BenchError(f"method {cls.name!r} has no option {', '.join(unknown)} (its options: {opts})")
+        for key, value in values.items():  # before Args: nan and inf pass every comparison an Args might make
+            check_finite(cls.name, key, value)
         try:
-            return cls.Args(**values)
+            args = cls.Args(**values)
         except (TypeError, ValueError) as exc:
             raise BenchError(f"method {cls.name!r}: {exc}") from None
+        for f in dataclasses.fields(args):  # defaults and values Args derived
+            check_finite(cls.name, f.name, getattr(args, f.name))
+        return args
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         """Raise BenchError if this method cannot run on ``model`` with ``steps``."""
@@ -148,6 +212,19 @@ class Method(ABC):
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "
                 f"but {model.name!r} is {model.kind}"
             )
+
+    def check_dataset(self, reference: "ReferenceSet") -> None:
+        """Raise BenchError if this method cannot run on the data set (personalization trains on it)."""
+
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        """What else defines this method's samples, recorded and hashed into the run (the resolved scheduler
+        config, a guidance classifier's digest, ...). Default: nothing beyond the name and the options."""
+        return {}
+
+    @classmethod
+    def takes_prompts(cls) -> bool:
+        """Whether its batches carry prompts (text-conditioned and editing methods)."""
+        return cls.conditioning in ("text", "edit")
 
     def prepare(self, model: DiffusionModel, spec: Any, workdir: "Path") -> dict[str, float]:
         """Fit the method before sampling, inside the run (personalization and alignment train here).
@@ -168,26 +245,16 @@ class Method(ABC):
         return None
 
     @abstractmethod
-    def generate(
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser"
-    ) -> "torch.Tensor":
-        """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on seeds[i] alone."""
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser: "CountingDenoiser") -> "torch.Tensor":
+        """Images in [-1, 1], [len(batch), C, H, W]; sample i depends on batch item i alone (its seed, prompt, edit)."""
 
 
 class TextToImageMethod(Method):
     """A method conditioned on text: sample i gets prompt i of the data set (and seed i), whatever the batching."""
 
     model_kinds: ClassVar[tuple[str, ...]] = ("text-to-image",)
-    text_conditioned: ClassVar[bool] = True
     conditioning: ClassVar[str] = "text"
     default_dataset: ClassVar[str | None] = "shapes32"
-
-    @abstractmethod
-    def generate(  # type: ignore[override]
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser",
-        prompts: Sequence[str] = (),
-    ) -> "torch.Tensor":
-        """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on (seeds[i], prompts[i]) alone."""
 
 
 class EditMethod(Method):
@@ -197,16 +264,8 @@ class EditMethod(Method):
     """
 
     model_kinds: ClassVar[tuple[str, ...]] = ("text-to-image",)
-    text_conditioned: ClassVar[bool] = True
     conditioning: ClassVar[str] = "edit"
     default_dataset: ClassVar[str | None] = "embedded-edits"
-
-    @abstractmethod
-    def generate(  # type: ignore[override]
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser",
-        items: Sequence[EditItem] = (),
-    ) -> "torch.Tensor":
-        """Edited images in [-1, 1], [len(seeds), C, H, W]; sample i depends on (seeds[i], items[i]) alone."""
 
 
 class ReferenceSet(ABC):

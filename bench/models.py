@@ -67,6 +67,27 @@ def resolve_folder(source: str) -> Path:
         ) from None
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """No library warnings while weights load: a pickle ``.bin`` refused by ``weights_only=True`` makes torch warn
+    before it raises, and the one line the user sees is the BenchError that follows."""
+    import io
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "torch")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
 def _hf_home() -> str:
     return os.environ.get("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
 
@@ -94,7 +115,9 @@ def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = 
     if "timesteps" in sched_config and "num_train_timesteps" not in sched_config:  # legacy key (ddpm-cifar10-32)
         sched_config["num_train_timesteps"] = sched_config.pop("timesteps")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=any(p.suffix == ".safetensors" for p in weights))
+        with quiet_loading():
+            unet = UNet2DModel.from_pretrained(unet_dir,
+                                               use_safetensors=any(p.suffix == ".safetensors" for p in weights))
         scheduler = DDPMScheduler.from_config(sched_config)
     except Exception as exc:
         raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None

@@ -99,7 +99,10 @@ class Registry(Generic[T]):
             raise UnknownName(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, self._entries, n=1, cutoff=0.5)
+        text = str(name)
+        folded = {n.lower(): n for n in self._entries}  # DDIM -> ddim: case is the likeliest slip
+        close = ([folded[text.lower()]] if text.lower() in folded
+                 else [folded[c] for c in difflib.get_close_matches(text.lower(), folded, n=1, cutoff=0.5)])
         hint = f"; did you mean {close[0]!r}?" if close else ""
         return f"unknown {self.kind} {name!r}{hint} (known: {', '.join(sorted(self._entries))})"
 

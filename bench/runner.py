@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.distributed import Shards
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
+from bench.interfaces import Batch, DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
 from bench.outputs import undeclared
 from bench.spec import RunSpec, stable_hash
 
@@ -77,14 +77,87 @@ def resolve_device(name: str):
     return device
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, what: str = "output folder") -> None:
+    """Create ``folder`` if needed and write a probe file in it; one line (BenchError) if that fails."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"{what} {folder} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise BenchError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+        raise BenchError(f"{what} {folder} is not writable: {exc.strerror or exc}") from None
+
+
+LOCK_FILE = ".lock"  # in the output folder: held (flock, exclusive) by the run writing there
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path):
+    """Hold an exclusive lock on ``folder`` for the block: a second run into the same folder refuses in one line.
+
+    The lock is ``flock`` on ``folder/.lock`` (the file says who holds it); the kernel drops it when the process
+    ends however it ends, so a killed run never leaves the folder locked.
+    """
+    import fcntl
+    import socket
+
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise BenchError(f"output folder {folder} is in use by another run ({holder}); wait for it to end or "
+                             f"pass another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+SHARD_OVERHEAD_BYTES = 4096  # a shard's .npy header and its sidecar, per batch (a generous bound)
+
+
+def estimated_bytes(num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> int:
+    """Disk the run's shards take: uint8 samples plus each shard's header and sidecar."""
+    c, h, w = sample_shape
+    return num_samples * c * h * w + -(-num_samples // batch_size) * SHARD_OVERHEAD_BYTES
+
+
+def check_disk(output: Path, num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> None:
+    """Refuse before the run starts if its shards cannot fit on the output folder's disk (a typo in
+    --num-samples costs seconds, not hours and a full disk)."""
+    import shutil
+
+    need = estimated_bytes(num_samples, sample_shape, batch_size)
+    free = shutil.disk_usage(output).free
+    if need > free:
+        c, h, w = sample_shape
+        raise BenchError(f"{num_samples:,} samples of {c}x{h}x{w} need {need / 2**30:.1f} GiB in {output}, and its "
+                         f"disk has {free / 2**30:.1f} GiB free; lower --num-samples or pass another --output")
+
+
+def warn_if_long(spec: RunSpec, first_batch_seconds: float, batches: int, processes: int = 1) -> float:
+    """After the first batch: the run's estimated sampling time; one warning line when it is over a day."""
+    import sys
+
+    estimate = first_batch_seconds * batches / max(processes, 1)
+    if estimate > LONG_RUN_SECONDS:
+        print(f"bench: warning: from its first batch this run needs about {estimate / 3600:.0f} h of sampling "
+              f"({batches:,} batches of {spec.batch_size}); Ctrl-C now and lower --num-samples if that is a typo "
+              f"(the shards made so far are kept for --resume)", file=sys.stderr, flush=True)
+    return estimate
+
+
+LONG_RUN_SECONDS = 24 * 3600
 
 
 def plan_run(spec: RunSpec) -> Plan:
@@ -107,7 +180,7 @@ def plan_run(spec: RunSpec) -> Plan:
     spec = spec.replace(num_samples=spec.num_samples or reference.default_num_samples or DEFAULT_NUM_SAMPLES)
     metric_classes = {name: METRICS.get(name) for name in metric_names}
     for name, metric_cls in metric_classes.items():
-        if metric_cls.needs_prompts and not method_cls.text_conditioned:
+        if metric_cls.needs_prompts and not method_cls.takes_prompts():
             raise BenchError(f"metric {name} needs prompts; method {spec.method!r} is not text-conditioned")
         if metric_cls.needs_edits and method_cls.conditioning != "edit":
             raise BenchError(f"metric {name} needs an editing run; method {spec.method!r} is not an editor")
@@ -123,8 +196,7 @@ def plan_run(spec: RunSpec) -> Plan:
     model = load_model(model_name)
     method = method_cls(args)
     method.check(model, spec.steps)
-    if hasattr(method, "check_dataset"):  # methods that train on the data set (personalization)
-        method.check_dataset(reference)
+    method.check_dataset(reference)
     c, h, w = model.sample_shape
     if (reference.has_images and (h, w) != (reference.resolution, reference.resolution)) or c != 3:
         raise BenchError(
@@ -146,11 +218,7 @@ def plan_run(spec: RunSpec) -> Plan:
         raise BenchError(f"method {method.name!r} edits images, and data set {reference.name} has no edits "
                          f"(use embedded-edits or pie-bench)")
 
-    method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args}
-    if hasattr(method, "resolved_config"):
-        method_protocol["scheduler"] = method.resolved_config(model)
-    if hasattr(method, "extra_protocol"):  # e.g. the guidance classifier's weights digest
-        method_protocol.update(method.extra_protocol(model))
+    method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args, **method.protocol(model)}
     eval_protocol = {name: m.protocol(spec, reference) for name, m in metrics.items()}
     protocol = {
         "spec": spec.hashed_fields(),
@@ -169,6 +237,7 @@ def plan_run(spec: RunSpec) -> Plan:
     protocol_hash = stable_hash(protocol)
     output = Path(spec.output) if spec.output else Path("bench-runs") / f"{spec.method}-{protocol_hash[:12]}"
     check_writable(output)
+    check_disk(output, spec.num_samples, model.sample_shape, spec.batch_size)
     return Plan(spec, method, model, reference, metrics, output, protocol, protocol_hash, stable_hash(eval_protocol),
                 prompts, targets, items)
 
@@ -186,8 +255,8 @@ def _items_digest(items: list[EditItem]) -> str:
 
 def _prompts_and_targets(spec: RunSpec, method: Method, reference: ReferenceSet, metrics: dict[str, Metric]):
     """The prompt of every sample (text-conditioned methods) and what each sample should show (for metrics)."""
-    prompts = reference.prompts(spec.num_samples) if method.text_conditioned else None
-    if method.text_conditioned and prompts is None:
+    prompts = reference.prompts(spec.num_samples) if method.takes_prompts() else None
+    if method.takes_prompts() and prompts is None:
         raise BenchError(f"method {method.name!r} needs prompts, and data set {reference.name} has none "
                          f"(use shapes32, a prompt data set or a prompt file)")
     targets = method.targets(spec.num_samples)
@@ -217,14 +286,17 @@ def num_batches(spec: RunSpec) -> int:
     return -(-spec.num_samples // spec.batch_size)
 
 
+def make_batch(plan: Plan, indices: range, seeds: list[int]) -> Batch:
+    """The batch of samples ``indices``: sample i gets seed i (and prompt i, edit i, target i), whatever the batching."""
+    return Batch(seeds=tuple(int(s) for s in seeds), steps=plan.spec.steps, indices=tuple(indices),
+                 prompts=tuple(plan.prompts[i].text for i in indices) if plan.prompts is not None else (),
+                 edits=tuple(plan.items[i] for i in indices) if plan.items is not None else (),
+                 targets=tuple(plan.targets[i] for i in indices) if plan.targets is not None else ())
+
+
 def _generate_batch(plan: Plan, indices: range, seeds: list[int], denoiser):
     """Images in [-1, 1] of samples ``indices``: each from its own seed (and prompt or edit), not from the batch."""
-    spec = plan.spec
-    if plan.items is not None:  # an editor: sample i edits item i with seed i
-        return plan.method.generate(plan.model, seeds, spec.steps, denoiser, items=[plan.items[i] for i in indices])
-    if plan.prompts is not None:  # sample i gets prompt i and seed i, whatever the batching
-        return plan.method.generate(plan.model, seeds, spec.steps, denoiser, [plan.prompts[i].text for i in indices])
-    return plan.method.generate(plan.model, seeds, spec.steps, denoiser)
+    return plan.method.generate(plan.model, make_batch(plan, indices, seeds), denoiser)
 
 
 def peak_memory(device) -> tuple[int, str]:
@@ -257,7 +329,7 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
         torch.cuda.reset_peak_memory_stats(device)
     store = ShardStore(plan.output, plan.protocol_hash)
     denoiser = CountingDenoiser(plan.model.unet, device)
-    made: dict[int, tuple[np.ndarray, ShardRecord]] = {}
+    made: dict[int, tuple[None, ShardRecord]] = {}
     total = sum(len(range(*batch_range(spec, k))) for k in batches)
     bar = tqdm(total=total, unit="img", desc=f"{spec.method} {spec.steps} steps", disable=not progress)
     for n, k in enumerate(batches):
@@ -277,8 +349,10 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
                              calls=denoiser.calls, warmup=n < spec.warmup_batches,
                              peak_memory_bytes=peak_memory(device)[0], rank=rank)
         store.write(batch, record)
-        made[k] = batch, record
+        made[k] = None, record  # the samples live in their shard only: memory does not grow with the run
         bar.update(len(seeds))
+        if n == 0 and len(batches) > 1:
+            warn_if_long(spec, seconds, len(batches))
         if on_batch:
             on_batch(k)
     bar.close()
@@ -286,8 +360,9 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
 
 
 def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
-    """All samples in index order (uint8 [N, H, W, C]) and their SamplingTimings, from the batches this process
-    made (``made``, kept in memory) and the complete shards on disk. BenchError if a shard is missing or damaged."""
+    """All samples in index order (uint8 [N, H, W, C]) and their SamplingTimings, read from the complete shards on
+    disk (``made``: the records of this process's batches; kept for callers). BenchError if a shard is missing or
+    damaged."""
     import torch
 
     from bench.evaluation import SamplingTimings
@@ -300,7 +375,7 @@ def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
     parts = []
     for k in range(num_batches(spec)):
         indices = batch_range(spec, k)
-        loaded = made.get(k) or store.load(k, indices, (h, w, c))
+        loaded = store.load(k, indices, (h, w, c))  # from disk: no process keeps its batches in memory
         if loaded is None:
             raise BenchError(f"sample shard {k} in {store.dir} is missing or damaged; run the command again with --resume")
         array, record = loaded
@@ -336,7 +411,7 @@ def checked_values(metric: Metric, values: dict[str, float]) -> dict[str, float]
 def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
     import torch
 
-    from bench.evaluation import EvalContext
+    from bench.evaluation import EvalContext, metric_threads
 
     ctx = EvalContext(
         spec=plan.spec,
@@ -349,8 +424,9 @@ def evaluate(plan: Plan, samples: np.ndarray, timings) -> dict[str, float]:
         items=plan.items,
     )
     values: dict[str, float] = {}
-    for metric in plan.metrics.values():
-        values.update(checked_values(metric, metric.compute(ctx)))
+    with metric_threads():  # the same values whatever the process's thread count (torchrun: one)
+        for metric in plan.metrics.values():
+            values.update(checked_values(metric, metric.compute(ctx)))
     values["num_samples"] = float(len(samples))
     values["nfe"] = float(np.mean(timings.batch_calls))  # counted denoiser calls per sample, whatever the metrics
     return values
@@ -415,6 +491,8 @@ def run_tags(plan: Plan, samples_sha: str | None = None) -> dict[str, str]:
         "torch_version": torch.__version__,
         "diffusers_version": diffusers.__version__,
         "torch_threads": str(torch.get_num_threads()),
+        "diffbench_pid": str(os.getpid()),  # `bench runs --repair` ends a RUNNING run whose process is gone
+        "diffbench_host": platform.node(),
     }
     if samples_sha:
         tags["samples_sha256"] = samples_sha
@@ -434,13 +512,19 @@ def execute(plan: Plan, tracker, progress: bool = True, extra_tags: dict[str, st
     If the tracking store stops answering mid-run, the results stay in the output folder
     with the run's record (PENDING_RECORD) for `bench sync`; the run still succeeds.
     """
+    shards = shards or Shards()
+    with output_lock(plan.output) if shards.lead else contextlib.nullcontext():  # rank 0 holds it for all
+        return _execute(plan, tracker, progress, extra_tags, resume, shards)
+
+
+def _execute(plan: Plan, tracker, progress: bool, extra_tags: dict[str, str] | None, resume: bool,
+             shards: Shards) -> RunResult | None:
     import shutil
     import sys
     from contextlib import nullcontext
 
     from bench.shards import ShardStore
 
-    shards = shards or Shards()
     out = plan.output
     state = _run_state(plan, resume)
     store = ShardStore(out, plan.protocol_hash)

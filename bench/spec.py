@@ -21,6 +21,40 @@ DEFAULT_DATASET = "shapes16"
 DEFAULT_NUM_SAMPLES = 1000
 DTYPES = ("float32", "float16", "bfloat16")
 NOT_HASHED = frozenset({"output", "experiment", "run_name"})
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; sample seeds are 63-bit (bench.denoiser.sample_seed)
+MAX_CONFIG_BYTES = 1 << 20  # a run, suite or record file larger than this is not one
+MAX_EXPERIMENT_NAME = 256  # MLflow's SQL stores keep experiment names of at most 256 characters
+
+
+def read_small_file(path: str | Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The text of a regular file of at most ``limit`` bytes; one line (BenchError) for anything else.
+
+    ``/dev/zero``, ``/dev/urandom``, a FIFO or a folder are refused before a byte is read (they never end, or
+    block); a regular file is read to at most ``limit`` + 1 bytes.
+    """
+    import stat
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise BenchError(f"cannot read {what} {p}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise BenchError(f"{what} {p} is {kind}; pass a YAML or JSON file")
+    if st.st_size > limit:
+        raise BenchError(f"{what} {p} is {st.st_size:,} bytes; a {what} is at most {limit:,} bytes")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise BenchError(f"cannot read {what} {p}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise BenchError(f"{what} {p} is over {limit:,} bytes; a {what} is at most {limit:,} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BenchError(f"{what} {p} is not UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -47,6 +81,22 @@ class RunSpec:
     run_name: str | None = None
 
     def __post_init__(self) -> None:
+        def text(name: str, value: Any, optional: bool = False) -> None:
+            if (value is None and optional) or (isinstance(value, str) and value.strip()):
+                return
+            raise BenchError(f"{name} must be a {'name' if not optional else 'name or null'}, got {value!r}")
+
+        text("method", self.method)
+        for name in ("model", "dataset", "output", "run_name"):
+            text(name, getattr(self, name), optional=True)
+        text("experiment", self.experiment)
+        text("device", self.device)
+        if len(self.experiment) > MAX_EXPERIMENT_NAME:
+            raise BenchError(f"experiment name is {len(self.experiment)} characters; MLflow takes at most "
+                             f"{MAX_EXPERIMENT_NAME}")
+        if not isinstance(self.method_args, Mapping) or not all(isinstance(k, str) for k in self.method_args):
+            raise BenchError(f"method_args must be a mapping of option names to values, got {self.method_args!r}")
+
         def positive(name: str, value: Any) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BenchError(f"{name} must be a positive integer, got {value!r}")
@@ -55,8 +105,8 @@ class RunSpec:
         if self.num_samples is not None:
             positive("num_samples", self.num_samples)
         positive("batch_size", self.batch_size)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise BenchError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise BenchError(f"seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if isinstance(self.warmup_batches, bool) or not isinstance(self.warmup_batches, int) or self.warmup_batches < 0:
             raise BenchError(f"warmup_batches must be a non-negative integer, got {self.warmup_batches!r}")
         from bench.runtime import ATTENTION
@@ -68,9 +118,13 @@ class RunSpec:
                 raise BenchError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:
             raise BenchError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
-            raise BenchError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        if not (self.device in ("auto", "cpu", "cuda", "mps")
+                or (self.device.startswith("cuda:") and self.device[5:].isdigit() and self.device[5:].isascii())):
+            raise BenchError(f"device must be auto, cpu, cuda, cuda:N (N = 0, 1, ...) or mps, got {self.device!r}")
         if self.metrics is not None:
+            if isinstance(self.metrics, str) or not isinstance(self.metrics, (list, tuple)) or not all(
+                    isinstance(m, str) and m for m in self.metrics):
+                raise BenchError(f"metrics must be a list of metric names, got {self.metrics!r}")
             if not self.metrics:
                 raise BenchError("at least one metric is needed")
             object.__setattr__(self, "metrics", tuple(self.metrics))
@@ -97,10 +151,7 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise BenchError(f"cannot read config file {p}: {exc.strerror}") from None
+    text = read_small_file(p, "config file")
     try:
         data = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
@@ -116,6 +167,8 @@ def load_spec_file(path: str | Path) -> dict[str, Any]:
 def resolve_spec(cli: Mapping[str, Any], file_values: Mapping[str, Any] | None = None) -> RunSpec:
     """CLI values (None = not given) override file values, which override the defaults."""
     merged: dict[str, Any] = dict(file_values or {})
+    if not isinstance(merged.get("method_args", {}), Mapping):
+        raise BenchError(f"method_args must be a mapping of option names to values, got {merged['method_args']!r}")
     for key, value in cli.items():
         if value is None:
             continue

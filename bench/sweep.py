@@ -70,9 +70,27 @@ GRID_KEYS = {"name", "method", "steps", "method_args", "seeds"}
 SUITE_KEYS = {"name", "defaults", "seeds", "grid", "regression"}
 
 
+def check_seeds(seeds: Any, where: str) -> list[int]:
+    """A count N (seeds 0..N-1, N >= 1) or a non-empty list of distinct seeds in [0, 2**63 - 1]."""
+    from bench.spec import MAX_SEED
+
+    def ok(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEED
+
+    if ok(seeds) and seeds >= 1:
+        return list(range(seeds))
+    if isinstance(seeds, list) and seeds and all(ok(s) for s in seeds) and len(set(seeds)) == len(seeds):
+        return list(seeds)
+    raise BenchError(f"{where}: seeds must be a count >= 1 or a non-empty list of distinct seeds in [0, 2**63 - 1], "
+                     f"got {seeds!r}")
+
+
 def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> list[Cell]:
     cells = []
     for entry in entries:
+        if not isinstance(entry, Mapping):
+            raise BenchError(f"grid entry {entry!r} must be a mapping of method, steps and optionally name, "
+                             f"method_args and seeds")
         unknown = set(entry) - GRID_KEYS
         if unknown or "method" not in entry or "steps" not in entry:
             raise BenchError(f"grid entry {dict(entry)} takes method, steps and optionally name, method_args and seeds")
@@ -81,8 +99,13 @@ def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> li
         name = entry.get("name")
         if name is not None and (len(methods) != 1 or len(steps) != 1 or not str(name).strip()):
             raise BenchError(f"grid entry {dict(entry)}: a named entry is one cell (one method, one steps value)")
-        entry_seeds = entry.get("seeds", seeds)
-        entry_seeds = range(entry_seeds) if isinstance(entry_seeds, int) else entry_seeds
+        entry_seeds = check_seeds(entry["seeds"], f"grid entry {dict(entry)}") if "seeds" in entry else seeds
+        if not all(isinstance(m, str) and m for m in methods):
+            raise BenchError(f"grid entry {dict(entry)}: method must be a name or a list of names")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in steps):
+            raise BenchError(f"grid entry {dict(entry)}: steps must be a positive integer or a list of them")
+        if not isinstance(entry.get("method_args") or {}, Mapping):
+            raise BenchError(f"grid entry {dict(entry)}: method_args must be a mapping of option names to values")
         for method, n, seed in itertools.product(methods, steps, entry_seeds):
             cells.append(Cell(str(method), int(n), int(seed), dict(entry.get("method_args") or {}),
                               None if name is None else str(name)))
@@ -97,11 +120,11 @@ def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> li
 def load_suite(path: str | Path) -> Suite:
     import yaml
 
+    from bench.spec import read_small_file
+
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise BenchError(f"cannot read suite {p}: {exc.strerror}") from None
+        data = yaml.safe_load(read_small_file(p, "suite"))
     except yaml.YAMLError as exc:
         raise BenchError(f"suite {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict) or "grid" not in data:
@@ -109,12 +132,15 @@ def load_suite(path: str | Path) -> Suite:
     unknown = set(data) - SUITE_KEYS
     if unknown:
         raise BenchError(f"suite {p}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(SUITE_KEYS))}")
+    if not isinstance(data.get("defaults") or {}, dict):
+        raise BenchError(f"suite {p}: 'defaults' must be a mapping of run fields")
     defaults = dict(data.get("defaults") or {})
     bad = set(defaults) - set(FIELD_NAMES)
     if bad:
         raise BenchError(f"suite {p}: unknown run fields in defaults: {sorted(bad)}")
-    seeds = data.get("seeds", [0])
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    seeds = check_seeds(data.get("seeds", [0]), f"suite {p}")
+    if not isinstance(data["grid"], list) or not data["grid"]:
+        raise BenchError(f"suite {p}: 'grid' must be a non-empty list of entries (method, steps, ...)")
     regression = data.get("regression") or {}
     if not isinstance(regression, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in regression.values()

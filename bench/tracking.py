@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -59,6 +60,36 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def _quiet_store() -> Iterator[None]:
+    """MLflow's SQL store logs whole SQLAlchemy tracebacks on a failed write; the caller says it in one line."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "sqlalchemy")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _sqlite_write_check(db: Path) -> None:
+    """A write transaction on the store's file, rolled back: raises if the file cannot be written (read-only file,
+    mount or header, a full disk), whoever runs it."""
+    import sqlite3
+
+    con = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("CREATE TABLE diffbench_write_check (x)")
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
 class Tracker:
     def __init__(self, uri: str | None = None, experiment: str = "diffbench"):
         # fail fast on an unreachable server instead of MLflow's minutes of retries
@@ -80,7 +111,18 @@ class Tracker:
         return self._client
 
     def check(self) -> None:
-        """Reach the store and find (or create) the experiment; one clear line if that fails."""
+        """Reach the store, find (or create) the experiment and write to it; one clear line if any fails.
+
+        The write (an experiment tag) is what a run does first: a read-only store is refused here, before any
+        sampling, not after it with the results left in the pending file.
+        """
+        from bench.spec import MAX_EXPERIMENT_NAME
+
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise BenchError(f"the MLflow experiment name must not be empty, got {self.experiment!r}")
+        if len(self.experiment) > MAX_EXPERIMENT_NAME:
+            raise BenchError(f"experiment name is {len(self.experiment)} characters; MLflow takes at most "
+                             f"{MAX_EXPERIMENT_NAME}")
         if self.uri.startswith("sqlite:///"):
             db = Path(self.uri[len("sqlite:///"):])
             try:
@@ -89,12 +131,25 @@ class Tracker:
                 pass
             if not db.parent.is_dir() or not os.access(db.parent, os.W_OK):
                 raise BenchError(f"cannot write the MLflow tracking database {db}: {db.parent} is not a writable folder")
+            if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+                raise BenchError(f"cannot write the MLflow tracking database {db}: it is read-only or not a file")
         try:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            self._experiment_id = exp.experiment_id if exp else self._create_experiment()
+            with _quiet_store():
+                exp = self.client.get_experiment_by_name(self.experiment)
+                self._experiment_id = exp.experiment_id if exp else self._create_experiment()
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise BenchError(f"MLflow tracking store {self.uri} is unreachable: {first}") from None
+        try:
+            if self.uri.startswith("sqlite:///"):
+                _sqlite_write_check(Path(self.uri[len("sqlite:///"):]))
+            else:  # a new value each time: a tag set to the value it has is no write at all
+                with _quiet_store():
+                    self.client.set_experiment_tag(self._experiment_id, "diffbench.write_check", uuid.uuid4().hex)
+        except Exception as exc:
+            self._experiment_id = None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise BenchError(f"MLflow tracking store {self.uri} is not writable: {first}") from None
 
     def _create_experiment(self) -> str:
         try:

@@ -36,6 +36,7 @@ import torch
 from bench.alignment import FeedbackSet, Reward, check_reward_name, load_feedback, load_reward
 from bench.claim import Arm
 from bench.errors import BenchError
+from bench.validate import check_option
 from bench.finetune import BudgetMeter, saved_bytes, trainable_parameters
 from bench.interfaces import DiffusionModel
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
@@ -61,11 +62,7 @@ BASE = ("base model", heldout("cfg", guidance=7.5))  # the untuned model, sample
 
 
 def _check(name: str, value: Any, integer: bool = True, zero: bool = False, upper: float | None = None) -> None:
-    kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not zero)
-    if bad or (upper is not None and value > upper):
-        raise ValueError(f"--{name.replace('_', '-')} must be a {'non-negative' if zero else 'positive'} "
-                         f"{'integer' if integer else 'number'}{f' <= {upper}' if upper is not None else ''}, got {value!r}")
+    check_option(name, value, 0, upper, integer=integer, lo_open=not zero)
 
 
 @dataclass(frozen=True)
@@ -123,8 +120,8 @@ class AlignmentMethod(LatentTextToImage):
         if self.uses_reward_model or self.args.reward != "feedback":
             self.reward()  # missing weights: one line now, before the run exists
 
-    def extra_protocol(self, model: DiffusionModel) -> dict[str, Any]:
-        out: dict[str, Any] = {"training_seed": "torch.Generator().manual_seed(run seed)"}
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        out: dict[str, Any] = {**super().protocol(model), "training_seed": "torch.Generator().manual_seed(run seed)"}
         if self.uses_reward_model or self.args.reward != "feedback":
             out["reward"] = self.reward().identity()
         feedback = committed_feedback(model)

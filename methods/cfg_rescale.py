@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench import sampling
 from bench.claim import Arm, Claim, text_to_image
 from bench.interfaces import MethodCard
+from bench.validate import check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
 
@@ -18,8 +20,7 @@ class RescaleArgs(GuidanceArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= float(self.guidance_rescale) <= 1.0:
-            raise ValueError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
+        check_option("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
 
 
 class CFGRescale(LatentTextToImage):
@@ -61,7 +62,4 @@ class CFGRescale(LatentTextToImage):
     )
 
     def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-        guided = super().combine(eps_uncond, eps_cond)
-        return rescale_noise_cfg(guided, eps_cond, guidance_rescale=float(self.args.guidance_rescale))
+        return sampling.guide(eps_uncond, eps_cond, self.guidance_scale(), rescale=float(self.args.guidance_rescale))

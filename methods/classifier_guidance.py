@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
+from bench import sampling
 from bench.claim import Arm, Claim
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, MethodCard
+from bench.interfaces import Batch, DiffusionModel, MethodCard
+from bench.validate import check_option
 from methods.sampling import SamplerArgs, SchedulerSampler
 
 
@@ -35,9 +37,7 @@ class ClassifierGuidanceArgs(SamplerArgs):
             value = getattr(self, f"target_{head}")
             if value is not None and str(value).lower() != "none" and value not in HEADS[head]:
                 raise ValueError(f"--target-{head} must be one of {', '.join(HEADS[head])} or none, got {value!r}")
-        if isinstance(self.classifier_scale, bool) or not isinstance(self.classifier_scale, (int, float)) \
-                or self.classifier_scale < 0:
-            raise ValueError(f"--classifier-scale must be a number >= 0, got {self.classifier_scale!r}")
+        check_option("classifier_scale", self.classifier_scale, 0)
 
     def targets(self) -> dict[str, str]:
         from bench.embedded.noisy_classifier import HEADS
@@ -105,11 +105,11 @@ class ClassifierGuidance(SchedulerSampler):
             raise BenchError(f"the noise-aware classifier is missing ({classifier_folder()}); "
                              f"rebuild it with `bench embedded train noisy-classifier`")
 
-    def extra_protocol(self, model: DiffusionModel) -> dict[str, Any]:
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
         from bench.models import file_digest
 
         folder = classifier_folder()
-        return {"classifier": "embedded noisy-classifier",
+        return {**super().protocol(model), "classifier": "embedded noisy-classifier",
                 "classifier_digest": file_digest([folder / "model.safetensors", folder / "config.json"]),
                 "x0_clipping": bool(model.scheduler_config.get("clip_sample", False)),
                 "update": "guided-diffusion ddim_sample: eps from the clipped x0, shifted by -sqrt(1-abar) s grad"}
@@ -123,23 +123,21 @@ class ClassifierGuidance(SchedulerSampler):
         return [target] * num_samples
 
     @torch.no_grad()
-    def generate(self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
         from bench.embedded.noisy_classifier import HEADS, load
 
         scheduler = self.make_scheduler(model)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())
         classifier = load(classifier_folder()).to(param.device)
-        labels = {k: torch.full((len(seeds),), HEADS[k].index(v), device=param.device) for k, v in self.args.targets().items()}
+        n = len(batch)
+        labels = {k: torch.full((n,), HEADS[k].index(v), device=param.device) for k, v in self.args.targets().items()}
         scale = float(self.args.classifier_scale)
         clip_x0 = bool(model.scheduler_config.get("clip_sample", False))
         range_ = float(model.scheduler_config.get("clip_sample_range", 1.0))
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        x = randn_tensor((len(seeds), *model.sample_shape), generator=generators, dtype=torch.float32)
-        x = (x * scheduler.init_noise_sigma).to(param.device, param.dtype)
-        for t in scheduler.timesteps:
+        x = sampling.initial_noise(sampling.generators(batch.seeds), model.sample_shape, scheduler, param)
+
+        def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
             eps = denoiser(scheduler.scale_model_input(x, t), t)
             abar = scheduler.alphas_cumprod[int(t)].to(param.device)
             if clip_x0:  # the model's own x0 clipping, with eps re-derived from it (as guided-diffusion does)
@@ -152,5 +150,6 @@ class ClassifierGuidance(SchedulerSampler):
                     log_p = sum(torch.log_softmax(logits[k], 1).gather(1, y[:, None]).sum() for k, y in labels.items())
                     grad = torch.autograd.grad(log_p, x_in)[0]
                 eps = eps - (1 - abar).sqrt() * scale * grad.to(eps.dtype)  # Algorithm 2, line 4
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-        return x.float()
+            return eps
+
+        return sampling.denoise(scheduler, x, predict, step_kwargs={"eta": 0.0}).x.float()

@@ -33,6 +33,7 @@ import torch
 from bench.claim import Claim, personalize
 from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject
+from bench.validate import check_bool
 from methods.personalization import NewTokens, PersonalizationMethod, PriorArgs
 from methods.textual_inversion import EMBEDS_FILE
 
@@ -54,8 +55,7 @@ class CustomDiffusionArgs(PriorArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.merge, bool):
-            raise ValueError(f"--merge must be true or false, got {self.merge!r}")
+        check_bool("merge", self.merge)
 
 
 def cross_attention_layers(unet: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
+from bench.validate import check_option
 from methods.sampling import SchedulerSampler, ZeroTerminalSNRArgs
 
 
@@ -16,8 +17,7 @@ class DDIMArgs(ZeroTerminalSNRArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= float(self.eta) <= 1.0:
-            raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
+        check_option("eta", self.eta, 0.0, 1.0)
 
 
 class DDIM(SchedulerSampler):

@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
+from bench.validate import check_choice
 from methods.sampling import SchedulerSampler, ZeroTerminalSNRArgs
 
 
@@ -20,8 +21,7 @@ class DDPMArgs(ZeroTerminalSNRArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.variance_type not in (None, "fixed_small", "fixed_large"):
-            raise ValueError(f"--variance-type must be fixed_small or fixed_large, got {self.variance_type!r}")
+        check_choice("variance_type", self.variance_type, ("fixed_small", "fixed_large"), optional=True)
 
 
 class DDPM(SchedulerSampler):

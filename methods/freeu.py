@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from bench.claim import Claim, text_to_image
 from bench.interfaces import MethodCard
+from bench.validate import check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
 
@@ -20,9 +21,7 @@ class FreeUArgs(GuidanceArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("b1", "b2", "s1", "s2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"--{name} must be a number >= 0, got {value!r}")
+            check_option(name, getattr(self, name), 0)
 
 
 class FreeU(LatentTextToImage):

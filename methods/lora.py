@@ -22,6 +22,7 @@ import torch
 from bench.claim import Claim, personalize
 from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject
+from bench.validate import check_option
 from methods.dreambooth import IdentifierArgs, check_identifier
 from methods.personalization import PersonalizationMethod
 
@@ -39,10 +40,8 @@ class LoRAArgs(IdentifierArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"--rank must be a positive integer, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"--alpha must be a positive number, got {self.alpha!r}")
+        check_option("rank", self.rank, 1, integer=True)
+        check_option("alpha", self.alpha, 0, lo_open=True)
 
 
 def adapter_name(subject: Subject) -> str:

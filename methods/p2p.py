@@ -36,10 +36,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from bench import sampling
 from bench.claim import Claim, edit
 from bench.errors import BenchError
-from bench.interfaces import EditItem, MethodCard
-from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number
+from bench.interfaces import Batch, EditItem, MethodCard
+from bench.validate import check_bool
+from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number, check_edits
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,7 @@ class P2PArgs(EditArgs):
         for name in ("cross_replace", "self_replace", "blend_threshold", "blend_start"):
             check_number(name, getattr(self, name), 0.0, 1.0)
         check_number("reweight", self.reweight, 0.0)
-        if not isinstance(self.local_blend, bool):
-            raise ValueError(f"--local-blend must be true or false, got {self.local_blend!r}")
+        check_bool("local_blend", self.local_blend)
 
 
 # -- words and tokens ------------------------------------------------------------------------------------------------
@@ -262,9 +263,8 @@ class PromptToPrompt(LatentEditor):
     )
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, items=()):
-        if len(items) != len(seeds):
-            raise ValueError(f"{len(items)} edits for {len(seeds)} seeds")
+    def generate(self, model, batch: Batch, denoiser):
+        items, seeds, steps = check_edits(batch), batch.seeds, batch.steps
         n = len(items)
         z0 = self.encode_images(model, items)
         cond_src, uncond = self.encode_text(model, [it.source_prompt for it in items])
@@ -274,10 +274,13 @@ class PromptToPrompt(LatentEditor):
                                    self.guidance_scale() != 1.0, z0.device)
         cond = torch.cat([cond_src, cond_tgt])
         x = torch.cat([trajectory.latents[0], trajectory.latents[0]])
-        with controlled_attention(model.unet, controller):
-            for k, t in enumerate(trajectory.timesteps):
-                controller.step = k
-                null = self.uncond_at(trajectory, k, uncond)
-                eps = self.guided_eps(denoiser, x, t, cond, torch.cat([null, null]))
-                x = controller.blend(k, trajectory.scheduler.step(eps, t, x).prev_sample)
+
+        def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:  # attention control: the controller's step k
+            controller.step = k
+            null = self.uncond_at(trajectory, k, uncond)
+            return self.guided_eps(denoiser, x, t, cond, torch.cat([null, null]))
+
+        with controlled_attention(model.unet, controller):  # latent blending after each step
+            x = sampling.denoise(trajectory.scheduler, x, predict, timesteps=trajectory.timesteps,
+                                 callback=lambda k, t, x: controller.blend(k, x)).x
         return self.decode(model, x[n:])

@@ -44,7 +44,8 @@ import torch
 from bench.errors import BenchError
 from bench.finetune import Budget, BudgetMeter, diffusion_loss, encode_images, encode_prompts, sample_latents, \
     saved_bytes, trainable_parameters, training_scheduler
-from bench.interfaces import DiffusionModel
+from bench.interfaces import Batch, DiffusionModel
+from bench.validate import check_bool, check_option
 from bench.personalization import PersonalizationSet, Subject, load_personalization_set, subject_of
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
@@ -54,10 +55,7 @@ CLASS_BATCH = 64
 
 
 def _positive(name: str, value: Any, integer: bool = True, zero: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"--{name.replace('_', '-')} must be a {'non-negative' if zero else 'positive'} "
-                         f"{'integer' if integer else 'number'}, got {value!r}")
+    check_option(name, value, 0, integer=integer, lo_open=not zero)
 
 
 @dataclass(frozen=True)
@@ -88,8 +86,7 @@ class PriorArgs(PersonalizationArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.prior_preservation, bool):
-            raise ValueError(f"--prior-preservation must be true or false, got {self.prior_preservation!r}")
+        check_bool("prior_preservation", self.prior_preservation)
         _positive("prior_weight", self.prior_weight, integer=False, zero=True)
         _positive("num_class_images", self.num_class_images)
 
@@ -252,7 +249,8 @@ class PersonalizationMethod(LatentTextToImage):
         return text if subject is None else text.replace(subject.token, self.phrase(subject))
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, prompts=()):
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
+        seeds, prompts = batch.seeds, batch.prompts
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         if not self.subjects:
@@ -266,8 +264,10 @@ class PersonalizationMethod(LatentTextToImage):
         for name, idx in groups.items():
             subject = self.subjects.get(name) if name else None
             with self.activate(model, subject):
-                images = super().generate(model, [seeds[i] for i in idx], steps, denoiser,
-                                          [self._prompt_text(prompts[i], subject) for i in idx])
+                part = Batch(seeds=tuple(seeds[i] for i in idx), steps=batch.steps,
+                             indices=tuple(batch.indices[i] for i in idx),
+                             prompts=tuple(self._prompt_text(prompts[i], subject) for i in idx))
+                images = super().generate(model, part, denoiser)
             for j, i in enumerate(idx):
                 out[i] = images[j]
         return torch.stack(out)  # type: ignore[arg-type]
@@ -298,7 +298,8 @@ class PersonalizationMethod(LatentTextToImage):
                 pass
         denoiser = CountingDenoiser(model.unet, device)
         batch = CLASS_BATCH  # fixed, not the run's batch size: CPU kernels round differently by batch size
-        chunks = [LatentTextToImage.generate(self, model, seeds[a : a + batch], spec.steps, denoiser, prompts[a : a + batch])
+        chunks = [LatentTextToImage.generate(self, model, Batch(seeds=tuple(seeds[a : a + batch]), steps=spec.steps,
+                                                                prompts=tuple(prompts[a : a + batch])), denoiser)
                   for a in range(0, n, batch)]
         images = to_uint8(torch.cat(chunks))
         if cached:

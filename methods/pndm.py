@@ -7,6 +7,7 @@ from typing import Any
 
 from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
+from bench.validate import check_bool
 from methods.sampling import SchedulerSampler, TimestepSpacingArgs
 
 
@@ -20,8 +21,7 @@ class PNDMArgs(TimestepSpacingArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.skip_prk_steps, bool):
-            raise ValueError(f"--skip-prk-steps must be true or false, got {self.skip_prk_steps!r}")
+        check_bool("skip_prk_steps", self.skip_prk_steps)
 
 
 class PNDM(SchedulerSampler):

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.claim import Claim, edit
-from bench.interfaces import MethodCard
-from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number
+from bench.interfaces import Batch, MethodCard
+from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number, check_edits
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,8 @@ class SDEdit(LatentEditor):
     )
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, items=()):
-        if len(items) != len(seeds):
-            raise ValueError(f"{len(items)} edits for {len(seeds)} seeds")
+    def generate(self, model, batch: Batch, denoiser):
+        items, seeds, steps = check_edits(batch), batch.seeds, batch.steps
         z0 = self.encode_images(model, items)
         cond_src, uncond = self.encode_text(model, [it.source_prompt for it in items])
         cond_tgt, _ = self.encode_text(model, [it.target_prompt for it in items])

@@ -8,6 +8,7 @@ from typing import Any
 
 from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
+from bench.validate import check_choice
 from methods.sampling import KarrasSigmasArgs, SchedulerSampler, ZeroTerminalSNRArgs, check_order
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -25,8 +26,7 @@ class UniPCArgs(KarrasSigmasArgs, ZeroTerminalSNRArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_order("solver_order", self.solver_order, 1, 3)
-        if self.solver_type not in SOLVER_TYPES:
-            raise ValueError(f"--solver-type must be bh1 or bh2, got {self.solver_type!r}")
+        check_choice("solver_type", self.solver_type, SOLVER_TYPES)
 
 
 class UniPC(SchedulerSampler):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.denoiser import CountingDenoiser
 from bench.errors import BenchError
 from bench.models import EMBEDDED_WEIGHTS, load_model
@@ -34,7 +36,7 @@ def method(name, **args):
 
 def generate(model, m, seeds=SEEDS, prompts=PROMPTS, steps=4):
     denoiser = CountingDenoiser(model.unet, torch.device("cpu"))
-    return m.generate(model, seeds, steps, denoiser, list(prompts)), denoiser
+    return m.generate(model, Batch(tuple(seeds), steps, prompts=tuple(prompts)), denoiser), denoiser
 
 
 def pipeline_images(model, m, steps=4, **call):
@@ -185,7 +187,7 @@ def test_classifier_guidance_moves_attribute_accuracy_towards_the_requested_colo
     for scale in (0.0, 4.0):
         m = method("classifier-guidance", target_color="red", classifier_scale=scale)
         m.check(model, 20)
-        images = m.generate(model, seeds, 20, CountingDenoiser(model.unet, torch.device("cpu")))
+        images = m.generate(model, Batch(tuple(seeds), 20), CountingDenoiser(model.unet, torch.device("cpu")))
         uint8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
         shares[scale] = score(predict(net, uint8), m.targets(len(seeds)))["attr_acc_color"]
     assert shares[0.0] < 0.4, shares  # about 1/6 of unguided samples are red

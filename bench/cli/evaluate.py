@@ -51,12 +51,24 @@ def run(args) -> int:
     from bench.evaluation import EvalContext
     from bench.spec import RunSpec
 
+    from bench.spec import read_small_file
+
     folder = Path(args.output)
+    if not folder.is_dir():
+        raise BenchError(f"{folder} is not a run folder (not a folder)")
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(read_small_file(folder / "config.json", "run config", 16 << 20))
+    except json.JSONDecodeError as exc:
         raise BenchError(f"{folder} is not a run folder (config.json: {exc})") from None
-    spec = RunSpec(**{**config["spec"], "metrics": tuple(config["spec"]["metrics"])})
+    if (not isinstance(config, dict) or not isinstance(config.get("spec"), dict)
+            or not isinstance(config.get("protocol_hash"), str) or not isinstance(config.get("protocol"), dict)
+            or not isinstance(config["protocol"].get("metrics", {}), dict)):
+        raise BenchError(f"{folder}/config.json is not a run's config (a mapping with spec, protocol and "
+                         f"protocol_hash)")
+    try:
+        spec = RunSpec(**{**config["spec"], "metrics": tuple(config["spec"].get("metrics") or ()) or None})
+    except TypeError as exc:
+        raise BenchError(f"{folder}/config.json has an invalid spec: {exc}") from None
     names = [m.strip() for m in args.metrics.split(",") if m.strip()]
     bad = [m for m in names if m not in SAMPLE_METRICS]
     if bad:
@@ -64,15 +76,20 @@ def run(args) -> int:
     samples = load_samples(folder, spec, config["protocol_hash"])
     if len(samples) != spec.num_samples:
         raise BenchError(f"{folder} holds {len(samples)} samples but the run asked for {spec.num_samples}")
+    if spec.dataset is None:
+        raise BenchError(f"{folder}/config.json names no data set")
     reference = DATASETS.get(spec.dataset)()
     ctx = EvalContext(spec, torch.from_numpy(samples).permute(0, 3, 1, 2).contiguous(), reference,
                       torch.device(spec.device if spec.device == "cpu" or torch.cuda.is_available() else "cpu"))
+    from bench.evaluation import metric_threads
+
     values: dict[str, float] = {}
     for name in names:
         metric = METRICS.get(name)()
         if metric.protocol(spec, reference) != config["protocol"]["metrics"].get(name, metric.protocol(spec, reference)):
             raise BenchError(f"the {name} protocol changed since this run (extractor or reference set); refusing to compare")
-        values.update(metric.compute(ctx))
+        with metric_threads():
+            values.update(metric.compute(ctx))
     recorded = {}
     if (folder / "results.json").exists():
         recorded = json.loads((folder / "results.json").read_text()).get("values", {})

@@ -13,7 +13,7 @@ import sys
 from bench.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BenchError
 
 SUBCOMMANDS = ("run", "sweep", "evaluate", "ls", "embedded", "leaderboard", "report", "nightly", "sync", "profile",
-               "claims")
+               "runs", "claims")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -184,4 +184,5 @@ def methods_named(argv: list[str], default: str) -> tuple[str, ...]:
             from bench.spec import load_spec_file
 
             value = load_spec_file(config).get("method")
+            value = value if isinstance(value, str) else None  # not a name: RunSpec refuses it in one line
     return tuple(m.strip() for m in (value or default).split(",") if m.strip())

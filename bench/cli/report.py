@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.cli.leaderboard import add_selection_options, selection_from_args
+from bench.errors import BenchError
 
 FORMATS = ("html", "md")
 
@@ -25,6 +26,21 @@ def add_parser(sub, argv: list[str]) -> None:
     p.set_defaults(func=run)
 
 
+def check_out_file(out: Path) -> None:
+    """--out must be a file we can write: not a folder, not under a file, in a writable folder."""
+    from bench.runner import check_writable
+
+    if out.is_dir():
+        raise BenchError(f"--out {out} is a folder; name the report file (e.g. {out / 'report.html'})")
+    check_writable(out.parent, "--out's folder")
+    if out.exists():
+        try:
+            with open(out, "ab"):
+                pass
+        except OSError as exc:
+            raise BenchError(f"--out {out} is not writable: {exc.strerror or exc}") from None
+
+
 def run(args) -> int:
     from bench import report
     from bench.leaderboard import fetch_runs
@@ -32,6 +48,7 @@ def run(args) -> int:
 
     fmt = args.format or ("md" if args.out and args.out.endswith(".md") else "html")
     out = Path(args.out or f"reports/report.{fmt}")
+    check_out_file(out)  # before the store is read
     selection = selection_from_args(args)
     runs = fetch_runs(args.tracking_uri, selection)
     from bench.claims import latest_verdicts
@@ -41,7 +58,10 @@ def run(args) -> int:
     data = report.build(runs, args.metric, tracker.client, tracker.uri, args.title,
                         f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}",
                         verdicts=latest[0] if latest else None)
-    report.write(data, out, fmt)
+    try:
+        report.write(data, out, fmt)
+    except OSError as exc:
+        raise BenchError(f"cannot write the report {out}: {exc.strerror or exc}") from None
     print(f"report: {out} ({out.stat().st_size / 1024:.0f} KiB, {len(data.board)} configurations, "
           f"{len(runs)} runs)")
     return 0

@@ -19,7 +19,7 @@ def add_parser(sub, argv: list[str]) -> None:
     p = sub.add_parser(
         "sweep",
         help="run a grid of methods x steps x seeds; table with CIs and a FID-vs-NFE plot",
-        description="Run every cell of a grid as its own MLflow run, then summarize over seeds (mean and 95%% "
+        description="Run every cell of a grid as its own MLflow run, then summarize over seeds (mean and 95% "
         "t-interval) and plot FID against counted NFE. Example: "
         "bench sweep --method ddim,ddpm --steps 5,10,20,50 --seeds 3",
     )
@@ -86,8 +86,16 @@ def run(args, dests: dict[str, list[str]]) -> int:
     tracker.check()
     sid = sweep_id(base, cells)
     out = Path(args.out) if args.out else Path("bench-runs") / f"sweep-{name}-{sid}"
+    from bench.runner import check_writable
+
+    from bench.catalog import METHODS
+
+    for cell in cells:  # every cell's options, before any cell is planned (a model loaded, a folder made)
+        METHODS.get(cell.method).parse_args({**base.method_args, **cell.method_args})
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out {out} is a file, not a folder")
     plans = plan_cells(name, base, cells)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--out")  # before any cell runs
     resolved = sorted({(plan.spec.dataset, plan.spec.num_samples) for _, plan in plans})  # after method defaults
     datasets = ", ".join(f"{n} samples of {d}" for d, n in resolved)
     print(f"diffbench sweep {name!r}: {len(plans)} runs, {datasets} each; results in {out}")

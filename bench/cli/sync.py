@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from bench.errors import EXIT_INTERNAL, BenchError
@@ -39,11 +40,59 @@ def pending_records(folders: list[str], root: str) -> list[Path]:
     return sorted(Path(root).rglob(PENDING_RECORD))
 
 
-def sync_one(path: Path, uri: str | None) -> tuple[str, str]:
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def load_record(path: Path) -> dict:
+    """A pending record, checked field by field before anything is uploaded; one line (BenchError) if malformed."""
+    import math
+
+    from bench.spec import read_small_file
+
+    try:
+        record = json.loads(read_small_file(path, "pending record", 64 << 20))
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{path} is not a pending record: invalid JSON ({exc})") from None
+
+    def bad(why: str) -> BenchError:
+        return BenchError(f"{path} is not a valid pending record: {why}; nothing was uploaded")
+
+    if not isinstance(record, dict):
+        raise bad("not a JSON object")
+    for key in ("name", "experiment", "tracking_uri"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise bad(f"{key!r} must be a non-empty string")
+    if record.get("status") not in STATUSES:
+        raise bad(f"'status' must be one of {', '.join(STATUSES)}, got {record.get('status')!r}")
+    for key in ("params", "tags"):
+        if not isinstance(record.get(key), dict) or not all(isinstance(k, str) and k for k in record[key]):
+            raise bad(f"{key!r} must be an object of named values")
+    metrics = record.get("metrics")
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in metrics.items()):
+        raise bad("'metrics' must be an object of finite numbers")
+    artifacts = record.get("artifacts")
+    if not isinstance(artifacts, list) or not all(isinstance(a, str) and a for a in artifacts):
+        raise bad("'artifacts' must be a list of paths")
+    missing = [a for a in artifacts if not (path.parent / a).is_file()]
+    if missing:
+        raise bad(f"artifact {missing[0]} is not in {path.parent}")
+    start, end = record.get("start_time"), record.get("end_time")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise bad("'start_time' must be a time in milliseconds")
+    if end is not None and (not isinstance(end, int) or isinstance(end, bool) or end < start):
+        raise bad("'end_time' must be null or a time in milliseconds after start_time")
+    if record.get("partial_run_id") is not None and not isinstance(record["partial_run_id"], str):
+        raise bad("'partial_run_id' must be a run id or null")
+    return record
+
+
+def sync_one(path: Path, uri: str | None, record: dict | None = None) -> tuple[str, str]:
     """Replay one record; returns (run id, store). The record is renamed only after the upload succeeded."""
     from bench.tracking import SYNCED_RECORD, Tracker
 
-    record = json.loads(path.read_text())
+    record = record if record is not None else load_record(path)
     target = uri or record["tracking_uri"]
     tracker = Tracker(target, record["experiment"])
     tracker.check()
@@ -71,21 +120,22 @@ def run(args) -> int:
     if not records:
         print(f"nothing to sync under {args.output_root}")
         return 0
+    loaded = {path: load_record(path) for path in records}  # every record valid before the first upload
     failed = 0
     for path in records:
-        record = json.loads(path.read_text())
+        record = loaded[path]
         where = uri or record["tracking_uri"]
         if args.dry_run:
             print(f"would upload {path.parent} ({record['name']}, {record['status']}) to {where}")
             continue
         try:
-            run_id, store = sync_one(path, uri)
+            run_id, store = sync_one(path, uri, record)
         except BenchError:
             raise  # the store is unreachable: the same for every record
         except Exception as exc:
             failed += 1
             first = (str(exc).strip().splitlines() or [""])[0][:200]
-            print(f"FAILED {path.parent}: {type(exc).__name__}: {first} (the record is kept)")
+            print(f"FAILED {path.parent}: {type(exc).__name__}: {first} (the record is kept)", file=sys.stderr)
             continue
         print(f"synced {path.parent} -> run {run_id} ({store})")
     return EXIT_INTERNAL if failed else 0
