@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from bench.claim import Claim
 from bench.errors import BenchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,6 +182,7 @@ class Method(ABC):
     Args: ClassVar[type] = NoArgs
     conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit" (CONDITIONINGS)
     default_dataset: ClassVar[str | None] = None  # used instead of the spec's default data set, if set
+    claims: ClassVar[tuple[Claim, ...]] = ()  # the paper's claims, decided by `bench claims` (bench/claims.py)
 
     def __init__(self, args: Any):
         self.args = args
