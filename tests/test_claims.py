@@ -223,3 +223,22 @@ def test_declared_claim_runs_through_the_engine_at_a_tiny_size(method, claim_id,
     rows, run = latest_verdicts(tracker)
     assert rows[0]["verdict"] == verdicts[0].verdict and run.data.tags[f"claim.{method}.{claim_id}"]
 
+
+
+def test_update_writes_the_table_between_the_markers_only(tmp_path):
+    from bench.cli.claims import BEGIN, END, update_markers
+
+    page = tmp_path / "README.md"
+    page.write_text(f"before\n{BEGIN}\nold table\n{END}\nafter\n", encoding="utf-8")
+    update_markers(page, "| a |\n|---|\n| 1 |", quick=True)
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("before\n") and text.endswith(f"{END}\nafter\n")
+    assert "old table" not in text and "| 1 |" in text and "--quick size" in text
+
+
+def test_update_without_markers_is_bad_input_before_any_run(tmp_path):
+    from bench.cli.main import main
+
+    page = tmp_path / "notes.md"
+    page.write_text("no markers\n", encoding="utf-8")
+    assert main(["claims", "--method", "ddim", "--quick", "--update", str(page)]) == 2

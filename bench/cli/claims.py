@@ -30,6 +30,9 @@ def add_parser(sub, argv: list[str]) -> None:
                    help="print the runs and the estimated time, run nothing")
     p.add_argument("--markdown", action="store_true",
                    help="print the verdicts as a markdown table (for README.md and docs/claims.md)")
+    p.add_argument("--update", action="append", metavar="FILE", default=[],
+                   help="write the markdown table between the '<!-- bench claims --markdown: begin/end -->' markers "
+                   "of FILE (repeatable; README.md, docs/editing.md), replacing what was there")
     p.add_argument("--no-reuse", action="store_true", help="make every run even if MLflow has a FINISHED one")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--experiment", help="MLflow experiment (default: diffbench)")
@@ -38,6 +41,32 @@ def add_parser(sub, argv: list[str]) -> None:
     p.add_argument("--output", default="bench-runs/claims", help="folder of the claims table (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+BEGIN = "<!-- bench claims --markdown: begin -->"
+END = "<!-- bench claims --markdown: end -->"
+
+
+def read_markers(path: Path) -> tuple[str, int, int]:
+    """The file's text and the span between its claims markers; BenchError (bad input) if it has none."""
+    from bench.errors import BenchError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"--update {path}: cannot read it ({exc.__class__.__name__})") from None
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise BenchError(f"--update {path}: no '{BEGIN}' ... '{END}' markers in it")
+    return text, start + len(BEGIN), end
+
+
+def update_markers(path: Path, table: str, quick: bool) -> None:
+    """Replace what lies between the markers with the table (and the command that made it)."""
+    text, start, end = read_markers(path)
+    size = "--quick size" if quick else "full size"
+    body = f"\n\n{table}\n\n(written by `bench claims --markdown --update {path.name}`, {size})\n\n"
+    path.write_text(text[:start] + body + text[end:], encoding="utf-8")
 
 
 def run(args) -> int:
@@ -62,6 +91,8 @@ def run(args) -> int:
         refs = [r for r in refs if r.qualified in wanted or r.claim.id in wanted]
     if not refs:
         raise BenchError(f"no claims are declared by {', '.join(methods) or 'any method'}")
+    for path in args.update:
+        read_markers(Path(path))  # bad input before any run
     base = RunSpec(device=args.device or "auto", experiment=args.experiment or "diffbench")
     plan = plan_claims(refs, quick=args.quick, base=base)
     print(format_plan(plan), file=sys.stderr if args.markdown else sys.stdout, flush=True)
@@ -75,6 +106,9 @@ def run(args) -> int:
     verdicts = judge(plan, execution.results, execution.errors, execution.run_ids)
     run_id = record(verdicts, tracker, plan, execution, Path(args.output))
     print(markdown_table(verdicts) if args.markdown else format_table(verdicts))
+    for path in args.update:
+        update_markers(Path(path), markdown_table(verdicts), quick=args.quick)
+        print(f"wrote the claims table into {path}", file=sys.stderr)
     counts = {v: sum(x.verdict == v for x in verdicts) for v in ("holds", "does not hold", UNMEASURED)}
     print(f"{len(verdicts)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
           f"{counts[UNMEASURED]} not measured; {execution.made} runs made, {execution.reused} reused, "
