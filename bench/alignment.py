@@ -26,16 +26,24 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from bench import sampling
+from bench.clip import SCALE, clip_scores, load_clip, preflight, weights_digest
 from bench.datasets import Shapes32
+from bench.embedded.feedback import (FEEDBACK_FILE, FEEDBACK_META, HELDOUT_MODULUS, HELDOUT_PROMPT_SEED, REWARD_CONFIG,
+                                     REWARD_FILE, judge, load_reward_net, prompts, word_ids)
+from bench.embedded.shapes import ALL_COLORS, BACKGROUNDS
 from bench.errors import BenchError
+from bench.files import file_digest
+from bench.interfaces import Prompt
+from bench.models import EMBEDDED_WEIGHTS
+from bench.sampling import guide
 
 REWARD_CHOICES = "feedback (the embedded learned reward model) or clip:<backbone> (e.g. clip:ViT-B/32, clip:shapes-clip)"
 
 
 def feedback_folder() -> Path:
-    from bench.models import EMBEDDED_WEIGHTS
-
     return EMBEDDED_WEIGHTS / "feedback"
 
 
@@ -59,22 +67,15 @@ class FeedbackReward(Reward):
     name = "feedback"
 
     def __init__(self, folder: Path | None = None):
-        from bench.embedded.feedback import load_reward_net
-
         self.folder = Path(folder) if folder else feedback_folder()
         self.net = load_reward_net(self.folder)
 
     def identity(self) -> dict[str, Any]:
-        from bench.embedded.feedback import REWARD_CONFIG, REWARD_FILE
-        from bench.models import file_digest
-
         return {"reward": self.name, "kind": "learned from binary labels (Lee et al. 2023)", "range": "[0, 1]",
                 "digest": file_digest([self.folder / REWARD_FILE, self.folder / REWARD_CONFIG])}
 
     @torch.no_grad()
     def __call__(self, images_uint8, prompts):
-        from bench.embedded.feedback import word_ids
-
         if images_uint8.shape[-2:] != (32, 32):
             raise BenchError(f"the embedded reward model scores 32x32 images, not {tuple(images_uint8.shape[-2:])}")
         out = [torch.sigmoid(self.net(images_uint8[a : a + 512].float() / 127.5 - 1.0, word_ids(prompts[a : a + 512])))
@@ -86,22 +87,16 @@ class ClipReward(Reward):
     """CLIP score as a reward: max(cos(image, text), 0), the CLIP-score metric's value / 100."""
 
     def __init__(self, backbone: str):
-        from metrics.clip_score import preflight
-
         preflight(backbone)
         self.backbone = backbone
         self.name = f"clip:{backbone}"
         self._model = None
 
     def identity(self) -> dict[str, Any]:
-        from metrics.clip_score import weights_digest
-
         return {"reward": self.name, "kind": "CLIP score (clip-anytorch)", "range": "[0, 1]",
                 "weights": weights_digest(self.backbone)}
 
     def __call__(self, images_uint8, prompts):
-        from metrics.clip_score import SCALE, clip_scores, load_clip
-
         device = torch.device("cpu")
         if self._model is None:
             self._model = load_clip(self.backbone, device)
@@ -148,11 +143,6 @@ class FeedbackSet:
 
 
 def load_feedback(folder: Path | None = None) -> FeedbackSet:
-    from safetensors.torch import load_file
-
-    from bench.embedded.feedback import FEEDBACK_FILE, FEEDBACK_META
-    from bench.models import file_digest
-
     folder = Path(folder) if folder else feedback_folder()
     try:
         meta = json.loads((folder / FEEDBACK_META).read_text())
@@ -191,14 +181,9 @@ class HeldoutPrompts(Shapes32):
         return Shapes32.identity(self) | {"name": Shapes32.name}  # the same reference images (and feature cache)
 
     def prompts(self, num_samples: int):
-        from bench.embedded.feedback import prompts
-        from bench.interfaces import Prompt
-
         return [Prompt(text, target, f"{target['count']} object(s)") for text, target in prompts("heldout", num_samples)]
 
     def prompts_identity(self) -> dict[str, Any]:
-        from bench.embedded.feedback import HELDOUT_MODULUS, HELDOUT_PROMPT_SEED
-
         return {**self.identity(), "prompts": "feedback world, held-out split (sha256(prompt)[:8] mod "
                 f"{HELDOUT_MODULUS} == 0)", "seed": HELDOUT_PROMPT_SEED, "format": "user prompts without sizes"}
 
@@ -225,8 +210,9 @@ def guided_eps(unet, x: torch.Tensor, t, context: torch.Tensor, guidance: float)
     """CFG noise estimate with ``context`` = [uncond; cond] (or cond alone when guidance is 1)."""
     if guidance == 1.0:
         return unet(x, t, encoder_hidden_states=context).sample
+
     eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+    return guide(eps_u, eps_c, guidance)
 
 
 def text_context(model, texts: Sequence[str], guidance: float) -> torch.Tensor:
@@ -243,10 +229,7 @@ class Trajectory:
 
 
 def ddim_scheduler(model, steps: int):
-    from diffusers import DDIMScheduler
-
-    config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-    scheduler = DDIMScheduler.from_config(config)
+    scheduler = sampling.make_scheduler(model, "DDIMScheduler", sampler_defaults=False)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -254,33 +237,29 @@ def ddim_scheduler(model, steps: int):
 @torch.no_grad()
 def sample_with_logprob(model, texts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
                         eta: float) -> Trajectory:
-    """CFG + DDIM(eta) from per-sample seeds (initial noise and step noise drawn on the CPU from seed i)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
+    """CFG + DDIM(eta) from per-sample seeds (initial noise and step noise drawn on the CPU from seed i), by
+    ``bench.sampling.denoise`` with the trajectory recorded and, for eta > 0, the log-prob step."""
     scheduler = ddim_scheduler(model, steps)
     param = next(model.unet.parameters())
     context = text_context(model, texts, guidance).to(param.dtype)
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (len(seeds), *model.latent_shape)
-    x = (randn_tensor(shape, generator=generators, dtype=torch.float32) * scheduler.init_noise_sigma).to(param.device, param.dtype)
-    xs, log_probs = [x], []
-    for t in scheduler.timesteps:
-        eps = guided_eps(model.unet, scheduler.scale_model_input(x, t), t, context, guidance)
-        if eta > 0:
-            noise = randn_tensor(shape, generator=generators, dtype=torch.float32).to(param.device, param.dtype)
-            x, lp = ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=noise)
-            log_probs.append(lp)
-        else:
-            x = scheduler.step(eps, t, x).prev_sample
-        xs.append(x)
-    return Trajectory(torch.stack(xs), torch.stack(log_probs) if log_probs else None, scheduler.timesteps.clone())
+    gens = sampling.generators(seeds)
+    x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
+
+    def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
+        return guided_eps(model.unet, scheduler.scale_model_input(x, t), t, context, guidance)
+
+    def logprob_step(eps: torch.Tensor, t, x: torch.Tensor, k: int):
+        noise = sampling.cpu_noise(gens, model.latent_shape, param.device, param.dtype)
+        return ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=noise)
+
+    out = sampling.denoise(scheduler, x, predict, step=logprob_step if eta > 0 else None, record=True)
+    return Trajectory(torch.stack(out.latents), torch.stack(out.log_probs) if out.log_probs else None,
+                      scheduler.timesteps.clone())
 
 
 def feedback_hits(predicted: dict[str, np.ndarray], targets: Sequence[Any]) -> np.ndarray:
     """Per sample: the feature network's heads (``metrics.attribute_accuracy.predict``) find the count, every object's
     color (left to right) and the background of its target right: the attributes the feedback judged."""
-    from bench.embedded.shapes import ALL_COLORS, BACKGROUNDS
-
     colors, backgrounds = list(ALL_COLORS), list(BACKGROUNDS)
     hits = np.zeros(len(targets), dtype=bool)
     for i, t in enumerate(targets):
@@ -296,6 +275,4 @@ def feedback_hits(predicted: dict[str, np.ndarray], targets: Sequence[Any]) -> n
 
 def approval(images_uint8: torch.Tensor, targets: Sequence[Any]) -> np.ndarray:
     """The simulated human's labels of uint8 [N, 3, H, W] images against their prompts' targets."""
-    from bench.embedded.feedback import judge
-
     return judge(images_uint8.permute(0, 2, 3, 1).numpy(), targets)["label"]

@@ -94,11 +94,12 @@ def pixel(method: str, steps: int, quick_num_samples: int = 128, quick_seeds: tu
                seeds=(0, 1, 2), quick_num_samples=quick_num_samples, quick_seeds=quick_seeds, metrics=PIXEL_METRICS)
 
 
-def text_to_image(method: str, steps: int = 50, metrics: tuple[str, ...] = T2I_METRICS, **options: Any) -> Arm:
+def text_to_image(method: str, steps: int = 50, metrics: tuple[str, ...] = T2I_METRICS,
+                  quick_seeds: tuple[int, ...] = (0, 1), **options: Any) -> Arm:
     """A text-to-image method on the embedded t2i model against shapes32: 256 samples x 3 seeds, 50 steps
     (--quick: 128 samples x 2 seeds, 10 steps; FID needs twice its 64 feature dimensions)."""
     return Arm(method, steps, dict(options), model="embedded-t2i", dataset="shapes32", num_samples=256,
-               seeds=(0, 1, 2), quick_num_samples=128, quick_seeds=(0, 1), quick_steps=10, metrics=metrics)
+               seeds=(0, 1, 2), quick_num_samples=128, quick_seeds=quick_seeds, quick_steps=10, metrics=metrics)
 
 
 EDIT_METRICS = ("edit-background", "edit-clip", "reconstruction")

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
+from torch_fidelity.registry import DATASETS_REGISTRY
 
-from bench.embedded.shapes import RENDERER_VERSION, WorldConfig, render_set
+from bench.catalog import DATASETS
+from bench.embedded.shapes import RENDERER_VERSION, WorldConfig, make_scenes, render_set
 from bench.errors import BenchError
-from bench.interfaces import ReferenceSet
+from bench.evaluation import UInt8Images
+from bench.interfaces import Prompt, ReferenceSet
 
 SHAPES_REFERENCE_SEED = 2  # the pixel DDPM trains on seed 1, the feature network on seed 3
 
@@ -42,8 +50,6 @@ class Shapes16(ReferenceSet):
         }
 
     def dataset(self):
-        from bench.evaluation import UInt8Images
-
         images, _ = render_set(SHAPES_REFERENCE_SEED, range(self.size), self.world())
         return UInt8Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
 
@@ -73,8 +79,6 @@ class Cifar10Train(ReferenceSet):
             )
 
     def dataset(self):
-        from torch_fidelity.registry import DATASETS_REGISTRY
-
         self.preflight()
         try:
             return DATASETS_REGISTRY["cifar10-train"](str(datasets_root()), False)
@@ -110,9 +114,6 @@ class Shapes32(Shapes16):
         return WorldConfig(resolution=self.resolution, max_objects=2, split="train")
 
     def prompts(self, num_samples: int):
-        from bench.embedded.shapes import make_scenes
-        from bench.interfaces import Prompt
-
         scenes = make_scenes(SHAPES_PROMPT_SEED, range(num_samples), self.world())
         return [Prompt(s.caption, {**s.attributes(), "count": len(s.objects)}, f"{len(s.objects)} object(s)")
                 for s in scenes]
@@ -122,8 +123,6 @@ class Shapes32(Shapes16):
 
 
 def _file_sha256(path: Path) -> str:
-    import hashlib
-
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -187,10 +186,6 @@ class PartiPrompts(PromptOnlySet):
             raise _missing("PartiPrompts", self.path(), f"download PartiPrompts.tsv from {self.URL} into {self.path().parent}")
 
     def read(self, path: Path) -> list:
-        import csv
-
-        from bench.interfaces import Prompt
-
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))  # the file quotes nothing
         if rows and "Prompt" not in rows[0]:
@@ -214,10 +209,6 @@ class DrawBench(PromptOnlySet):
             raise _missing("DrawBench", self.path(), f"save the DrawBench sheet as CSV from {self.URL} to {self.path()}")
 
     def read(self, path: Path) -> list:
-        import csv
-
-        from bench.interfaces import Prompt
-
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
         if rows and "Prompts" not in rows[0]:
@@ -246,8 +237,6 @@ class PromptFile(PromptOnlySet):
             raise BenchError(f"prompt file {self._path} does not exist (one prompt a line)")
 
     def read(self, path: Path) -> list:
-        from bench.interfaces import Prompt
-
         return [Prompt(line.strip()) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -290,10 +279,6 @@ class Coco2014Captions(ReferenceSet):
 
     def captions(self) -> list[tuple[int, str, str]]:
         """(image id, file name, caption) in the seeded permutation order."""
-        import json
-
-        import numpy as np
-
         self.preflight()
         try:
             data = json.loads(self.annotations_path().read_text(encoding="utf-8"))
@@ -310,8 +295,6 @@ class Coco2014Captions(ReferenceSet):
         return [(ids[i], files.get(ids[i], ""), first[ids[i]][1]) for i in order]
 
     def prompts(self, num_samples: int):
-        from bench.interfaces import Prompt
-
         return _cycle([Prompt(c) for _, _, c in self.captions()], num_samples, self.name)
 
     def identity(self) -> dict[str, Any]:
@@ -337,9 +320,6 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
         with Image.open(self.files[i]) as im:
             im = im.convert("RGB")
             side = min(im.size)
@@ -350,8 +330,6 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def load_dataset(name: str) -> ReferenceSet:
     """A registered data set by name, else a prompt file (one prompt a line) by path."""
-    from bench.catalog import DATASETS
-
     if name in DATASETS:
         return DATASETS.get(name)()
     path = Path(name).expanduser()

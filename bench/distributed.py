@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
+import torch.distributed as dist
+
 from bench.errors import BenchError
 
 # rank 0 may train (Method.prepare) or evaluate while the others wait; a crashed process ends the whole job through
@@ -45,7 +48,6 @@ class Shards:
         """Wait for every process; polls, so that a signal (SIGTERM from torchrun) is handled while waiting."""
         if self.world_size == 1:
             return
-        import torch.distributed as dist
 
         work = dist.barrier(async_op=True)
         while not work.is_completed():
@@ -54,8 +56,6 @@ class Shards:
 
     def close(self) -> None:
         if self.world_size > 1:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -66,8 +66,6 @@ def from_environment(device: str) -> Shards:
     if world_size == 1:
         return Shards()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    import torch
-    import torch.distributed as dist
 
     if device.startswith("cuda:"):
         raise BenchError(f"--device {device} in a sharded run: use --device cuda (each process takes the GPU of its "

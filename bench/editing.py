@@ -14,15 +14,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from PIL import Image
 
-from bench.embedded.shapes import BACKGROUNDS, RENDERER_VERSION, SIZES, Scene, WorldConfig, render, sample_scene, scene_rng
+from bench.datasets import datasets_root
+from bench.embedded.shapes import (BACKGROUNDS, RENDERER_VERSION, SIZES, Scene, WorldConfig, render, sample_scene,
+                                   scene_rng)
 from bench.errors import BenchError
-from bench.interfaces import EditItem, ReferenceSet
+from bench.evaluation import UInt8Images
+from bench.interfaces import EditItem, Prompt, ReferenceSet
 
 EDIT_SEED = 8  # the t2i model trains on seed 6, its prompts are seed 7, the evaluation CLIP trains on 5
 EDIT_TYPES = ("color", "shape", "background", "size")
@@ -96,8 +102,6 @@ class EmbeddedEdits(ReferenceSet):
         return items
 
     def prompts(self, num_samples: int):
-        from bench.interfaces import Prompt
-
         out = []
         for i in range(num_samples):
             _, target, edit_type, _ = embedded_edit(i, EDIT_SEED, self.world())
@@ -105,10 +109,6 @@ class EmbeddedEdits(ReferenceSet):
         return out
 
     def dataset(self):
-        import torch
-
-        from bench.evaluation import UInt8Images
-
         images = np.stack([render(embedded_edit(i, EDIT_SEED, self.world())[1], self.resolution)[0]
                            for i in range(self.reference_size)])
         return UInt8Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
@@ -157,8 +157,6 @@ class PIEBench(ReferenceSet):
     URL = "https://github.com/cure-lab/PnPInversion (PIE-Bench: the Google Drive link of its README)"
 
     def __init__(self, root: str | Path | None = None):
-        from bench.datasets import datasets_root
-
         self.root = Path(root).expanduser() if root else datasets_root() / "pie-bench"
 
     def mapping_path(self) -> Path:
@@ -186,8 +184,6 @@ class PIEBench(ReferenceSet):
         return sorted(data.items())
 
     def edits(self, num_samples: int) -> list[EditItem]:
-        from PIL import Image
-
         entries = self.mapping()
         if num_samples > len(entries):
             raise BenchError(f"{self.name} has {len(entries)} edits; ask for at most that many (-n {len(entries)})")
@@ -212,15 +208,11 @@ class PIEBench(ReferenceSet):
         return items
 
     def prompts(self, num_samples: int):
-        from bench.interfaces import Prompt
-
         entries = self.mapping()[:num_samples]
         return [Prompt(_unmark(e["editing_prompt"]), None, PIE_EDIT_TYPES.get(str(e["editing_type_id"]), ""))
                 for _, e in entries]
 
     def identity(self) -> dict[str, Any]:
-        import hashlib
-
         path = self.mapping_path()
         return {"name": self.name, "mapping_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None,
                 "mask": "rle (start, length) pairs, 512x512, border marked edited (PIE-Bench's mask_decode)",

@@ -13,9 +13,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
-from bench.editing import EDIT_TYPES
+from bench.catalog import METHODS
+from bench.denoiser import CountingDenoiser, sample_seed
+from bench.editing import EDIT_TYPES, EmbeddedEdits
+from bench.models import load_model
 from bench.render import md_table
+from bench.runner import execute, plan_run
+from bench.spec import RunSpec
+from bench.tracking import Tracker
 
 CONFIGS = (  # (label, method, options)
     ("DDIM inversion (reconstruction)", "ddim-inversion", {}),
@@ -63,14 +72,6 @@ def markdown(results: list[tuple[str, dict]], iou: dict[str, float], num_samples
 
 def diffedit_iou(num_samples: int, steps: int) -> dict[str, float]:
     """IoU of DiffEdit's mask (nearest-upsampled from the latent) with the renderer's edit mask, per edit type."""
-    import torch
-    import torch.nn.functional as F
-
-    from bench.catalog import METHODS
-    from bench.denoiser import CountingDenoiser, sample_seed
-    from bench.editing import EmbeddedEdits
-    from bench.models import load_model
-
     model, items = load_model("embedded-t2i"), EmbeddedEdits().edits(num_samples)
     cls = METHODS.get("diffedit")
     m = cls(cls.parse_args({}))
@@ -89,8 +90,6 @@ def diffedit_iou(num_samples: int, steps: int) -> dict[str, float]:
 
 def grid(rows: list[tuple[str, np.ndarray]], path: Path, columns: list[int], scale: int = 4) -> None:
     """One row per image source (source, target, each method), one column per edit, labels on the left."""
-    from PIL import Image, ImageDraw
-
     h, w = rows[0][1].shape[1:3]
     label_w = 270
     cell = (h * scale + 2, w * scale + 2)
@@ -106,11 +105,6 @@ def grid(rows: list[tuple[str, np.ndarray]], path: Path, columns: list[int], sca
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.editing import EmbeddedEdits
-    from bench.runner import execute, plan_run
-    from bench.spec import RunSpec
-    from bench.tracking import Tracker
-
     p = argparse.ArgumentParser(prog="python -m bench.editing_report", description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", "-n", type=int, default=64)
     p.add_argument("--steps", type=int, default=50)

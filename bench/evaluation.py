@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+import torch_fidelity.utils
 
+from bench.extractors import ensure_registered
+from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
-from bench.spec import RunSpec, stable_hash
+from bench.spec import RunSpec, canonical_json, stable_hash
 
 FEATURE_BATCH_SIZE = 200
 METRIC_THREADS = 1  # the metric phase's CPU threads, whatever the process has: sums do not depend on the machine's
@@ -46,10 +51,6 @@ def metric_threads(n: int = METRIC_THREADS) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DIFFBENCH_CACHE", Path("~/.cache/diffbench").expanduser()))
 
 
 @dataclass
@@ -146,24 +147,18 @@ class EvalContext:
         return self.source.take(list(indices))
 
     def extractor(self, name: str, layer: str):
-        from torch_fidelity.utils import create_feature_extractor
-
         key = (name, layer)
         if key not in self._extractors:
-            from metrics.fidelity import ensure_registered
-
             ensure_registered()
-            self._extractors[key] = create_feature_extractor(
+            self._extractors[key] = torch_fidelity.utils.create_feature_extractor(
                 name, [layer], cuda=self.device.type == "cuda", verbose=False
             )
         return self._extractors[key]
 
     def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
-        from torch_fidelity.utils import get_featuresdict_from_dataset
-
         fe = self.extractor(name, layer)
         with metric_threads():
-            feats = get_featuresdict_from_dataset(
+            feats = torch_fidelity.utils.get_featuresdict_from_dataset(
                 dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
             )
         return feats[layer].double()
@@ -225,9 +220,6 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def load_cached(path: Path) -> torch.Tensor | None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.exists():
         return None
     try:
@@ -238,10 +230,6 @@ def load_cached(path: Path) -> torch.Tensor | None:
 
 
 def save_cached(path: Path, features: torch.Tensor, provenance: dict) -> None:
-    from safetensors.torch import save_file
-
-    from bench.spec import canonical_json
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"features": features.contiguous()}, str(tmp), metadata={"provenance": canonical_json(provenance)})

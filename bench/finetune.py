@@ -15,7 +15,7 @@ that each adapter holds only its paper's part:
   Ho et al. 2020 (eq. 14, "L_simple"), with the target of the model's ``prediction_type``
   (epsilon, v or sample); ``reduction="none"`` gives one loss per sample (for weighted losses:
   DreamBooth's prior term, reward weighting). The random draws are noise first, then timesteps,
-  as in ``bench.embedded.t2i.train_unet`` (which uses it).
+  as in ``bench.recipes.t2i.train_unet`` (which uses it).
 - ``trainable_parameters(params)``: the parameter count a method trains (a leaderboard column).
 - ``BudgetMeter``: wall time, peak memory and device of a training phase; ``Budget.metrics()``
   gives the ``train_*`` metrics ``Method.prepare`` returns (``train_steps``, ``train_params``,
@@ -37,20 +37,19 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from bench.embedded.tokenizer import tokenize
 
 
 def training_scheduler(model: Any):
     """A ``DDPMScheduler`` with the model's training schedule (the scheduler config it ships with)."""
-    from diffusers import DDPMScheduler
-
     config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
     return DDPMScheduler.from_config(config)
 
 
 def encode_prompts(model: Any, prompts: Sequence[str], grad: bool = False) -> torch.Tensor:
     """Text-encoder hidden states [B, 77, D] of ``prompts``; ``grad=True`` keeps the graph (textual inversion)."""
-    from bench.embedded.t2i import tokenize
-
     device = next(model.text_encoder.parameters()).device
     ids = tokenize(model.tokenizer, list(prompts)).to(device)
     with torch.set_grad_enabled(grad):

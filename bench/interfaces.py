@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
+from bench.claim import Claim
 from bench.errors import BenchError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,8 +132,47 @@ def check_finite(method: str, option: str, value: Any) -> None:
             raise BenchError(f"method {method!r}: --{option.replace('_', '-')} must be a finite number, got {v}")
 
 
+CONDITIONINGS = ("none", "text", "classifier", "edit")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a run: sample i of the batch is the run's sample ``indices[i]``, drawn from ``seeds[i]``.
+
+    ``prompts``: the samples' prompts (conditioning "text"; "edit": the target prompts); ``edits``: the samples'
+    edits (conditioning "edit"); ``targets``: the attributes each sample is asked to have (classifier guidance, or
+    the prompts' attributes), empty where none. Sample i must depend on (seeds[i], prompts[i], edits[i]) alone.
+    """
+
+    seeds: tuple[int, ...]
+    steps: int
+    indices: tuple[int, ...] = ()
+    prompts: tuple[str, ...] = ()
+    edits: tuple[EditItem, ...] = ()
+    targets: tuple[Mapping[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "indices", "prompts", "edits", "targets"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.indices:
+            object.__setattr__(self, "indices", tuple(range(len(self.seeds))))
+        n = len(self.seeds)
+        for name in ("indices", "prompts", "edits", "targets"):
+            got = len(getattr(self, name))
+            if got and got != n:
+                raise ValueError(f"{got} {name} for {n} seeds")
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
 class Method(ABC):
-    """A method adapter: one paper, one class. Options are the fields of ``Args``."""
+    """A method adapter: one paper, one class. Options are the fields of ``Args``.
+
+    The contract: ``generate(model, batch, denoiser)``; ``conditioning`` says what a batch carries for it ("none":
+    seeds alone; "text": prompts; "classifier": targets; "edit": edits and their target prompts). The hooks below
+    (``check``, ``check_dataset``, ``prepare``, ``protocol``, ``targets``) have defaults that do nothing.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -140,9 +180,9 @@ class Method(ABC):
     card: ClassVar[MethodCard]
     model_kinds: ClassVar[tuple[str, ...]] = ("pixel-diffusion",)
     Args: ClassVar[type] = NoArgs
-    text_conditioned: ClassVar[bool] = False  # True: generate() takes the prompts of its samples
-    conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit": which contract tests apply
+    conditioning: ClassVar[str] = "none"  # "none" (a sampler), "text", "classifier", "edit" (CONDITIONINGS)
     default_dataset: ClassVar[str | None] = None  # used instead of the spec's default data set, if set
+    claims: ClassVar[tuple[Claim, ...]] = ()  # the paper's claims, decided by `bench claims` (bench/claims.py)
 
     def __init__(self, args: Any):
         self.args = args
@@ -173,6 +213,19 @@ class Method(ABC):
                 f"but {model.name!r} is {model.kind}"
             )
 
+    def check_dataset(self, reference: "ReferenceSet") -> None:
+        """Raise BenchError if this method cannot run on the data set (personalization trains on it)."""
+
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        """What else defines this method's samples, recorded and hashed into the run (the resolved scheduler
+        config, a guidance classifier's digest, ...). Default: nothing beyond the name and the options."""
+        return {}
+
+    @classmethod
+    def takes_prompts(cls) -> bool:
+        """Whether its batches carry prompts (text-conditioned and editing methods)."""
+        return cls.conditioning in ("text", "edit")
+
     def prepare(self, model: DiffusionModel, spec: Any, workdir: "Path") -> dict[str, float]:
         """Fit the method before sampling, inside the run (personalization and alignment train here).
 
@@ -192,26 +245,16 @@ class Method(ABC):
         return None
 
     @abstractmethod
-    def generate(
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser"
-    ) -> "torch.Tensor":
-        """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on seeds[i] alone."""
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser: "CountingDenoiser") -> "torch.Tensor":
+        """Images in [-1, 1], [len(batch), C, H, W]; sample i depends on batch item i alone (its seed, prompt, edit)."""
 
 
 class TextToImageMethod(Method):
     """A method conditioned on text: sample i gets prompt i of the data set (and seed i), whatever the batching."""
 
     model_kinds: ClassVar[tuple[str, ...]] = ("text-to-image",)
-    text_conditioned: ClassVar[bool] = True
     conditioning: ClassVar[str] = "text"
     default_dataset: ClassVar[str | None] = "shapes32"
-
-    @abstractmethod
-    def generate(  # type: ignore[override]
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser",
-        prompts: Sequence[str] = (),
-    ) -> "torch.Tensor":
-        """Images in [-1, 1], [len(seeds), C, H, W]; sample i depends on (seeds[i], prompts[i]) alone."""
 
 
 class EditMethod(Method):
@@ -221,16 +264,8 @@ class EditMethod(Method):
     """
 
     model_kinds: ClassVar[tuple[str, ...]] = ("text-to-image",)
-    text_conditioned: ClassVar[bool] = True
     conditioning: ClassVar[str] = "edit"
     default_dataset: ClassVar[str | None] = "embedded-edits"
-
-    @abstractmethod
-    def generate(  # type: ignore[override]
-        self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser: "CountingDenoiser",
-        items: Sequence[EditItem] = (),
-    ) -> "torch.Tensor":
-        """Edited images in [-1, 1], [len(seeds), C, H, W]; sample i depends on (seeds[i], items[i]) alone."""
 
 
 class ReferenceSet(ABC):

@@ -11,29 +11,23 @@ to download and where to put it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import snapshot_download
+from transformers.utils import logging as transformers_logging
+
+from bench.catalog import MODELS
 from bench.errors import BenchError
+from bench.files import file_digest
 from bench.interfaces import DiffusionModel, TextToImageModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
-
-
-def file_digest(paths: list[Path], extra: Any = None) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    if extra is not None:
-        h.update(json.dumps(extra, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -50,7 +44,6 @@ def resolve_folder(source: str) -> Path:
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
         raise BenchError(f"model folder {source} does not exist")
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(
@@ -94,8 +87,6 @@ def _hf_home() -> str:
 
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
     """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout."""
-    from diffusers import DDPMScheduler, UNet2DModel
-
     folder = resolve_folder(source)
     nested = (folder / "unet" / "config.json").exists()
     unet_dir = folder / "unet" if nested else folder
@@ -137,14 +128,17 @@ def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = 
 
 
 def embedded_pixel_ddpm() -> DiffusionModel:
+    """pixel DDPM of the shapes world (16x16, UNet2DModel 1.1M params, committed safetensors)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm"), name="embedded-ddpm", embedded=True)
 
 
 def embedded_pixel_ddpm_zsnr() -> DiffusionModel:
+    """the same pixel DDPM trained with zero-terminal-SNR betas and v-prediction (Lin et al. 2023)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm-zsnr"), name="embedded-ddpm-zsnr", embedded=True)
 
 
 def ddpm_cifar10() -> DiffusionModel:
+    """Ho et al.'s CIFAR-10 DDPM (35.7M params); needs the download"""
     return load_pixel_diffusion("google/ddpm-cifar10-32", name="google/ddpm-cifar10-32")
 
 
@@ -165,9 +159,6 @@ def pipeline_class(folder: Path) -> str | None:
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-component loading bars from diffusers and transformers: a run prints its own progress."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -182,9 +173,6 @@ def _quiet_loading():
 
 def load_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
     """A ``StableDiffusionPipeline`` folder or hub id, loaded as SD-1.5 is: ``from_pretrained``, no safety checker."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     folder = resolve_folder(source)
     if pipeline_class(folder) != "StableDiffusionPipeline":
         raise BenchError(f"{folder} is not a StableDiffusionPipeline folder (model_index.json names "
@@ -226,17 +214,17 @@ def load_text_to_image(source: str, name: str | None = None, embedded: bool = Fa
 
 
 def embedded_t2i() -> TextToImageModel:
+    """tiny latent text-to-image StableDiffusionPipeline of the shapes world (32x32, 4x8x8 latents; committed safetensors)"""
     return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i"), name="embedded-t2i", embedded=True)
 
 
 def stable_diffusion_v1_5() -> TextToImageModel:
+    """Stable Diffusion v1.5 (Rombach et al. 2022), 512x512; needs the download"""
     return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 def load_model(name: str) -> DiffusionModel:
     """A registered model by name, else a local folder or hub id through the generic loader."""
-    from bench.catalog import MODELS
-
     if name in MODELS:
         return MODELS.get(name)()
     if "/" in name or name.startswith(("~", ".")) or Path(name).exists():  # a folder or a hub id

@@ -36,8 +36,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from bench.datasets import _missing, datasets_root, load_dataset
+from bench.embedded.shapes import (BACKGROUNDS, COLORS, RENDERER_VERSION, SIZES, Scene, ShapeObject, WorldConfig,
+                                   make_scenes, render, scene_rng)
 from bench.errors import BenchError
+from bench.evaluation import UInt8Images
 from bench.interfaces import Prompt, ReferenceSet
 
 PLACEHOLDER = "{}"
@@ -119,8 +124,6 @@ class PersonalizationSet(ReferenceSet):
                 "subjects": {s.name: s.digest() for s in self.subjects()}}
 
     def dataset(self):
-        from bench.evaluation import UInt8Images
-
         return UInt8Images(torch.cat([s.images_tensor() for s in self.subjects()]))
 
 
@@ -160,8 +163,6 @@ def parse_prompts_and_classes(text: str) -> tuple[dict[str, str], list[str], lis
 
 def load_image(path: Path, resolution: int) -> np.ndarray:
     """Center crop to a square, PIL bicubic resize: uint8 [R, R, 3]."""
-    from PIL import Image
-
     with Image.open(path) as im:
         im = im.convert("RGB")
         side = min(im.size)
@@ -205,15 +206,11 @@ class DreamBench(PersonalizationSet):
     URL = "https://github.com/google/dreambooth"
 
     def __init__(self, root: str | Path | None = None):
-        from bench.datasets import datasets_root
-
         self.root = Path(root) if root else datasets_root() / "dreambench" / "dataset"
         self._subjects: list[Subject] | None = None
 
     def preflight(self) -> None:
         if not (self.root / "prompts_and_classes.txt").is_file():
-            from bench.datasets import _missing
-
             raise _missing("DreamBench", self.root, f"clone {self.URL} and put its dataset/ folder there")
 
     def subjects(self) -> list[Subject]:
@@ -247,8 +244,6 @@ EVAL_CONTEXTS = (("large", "black"), ("large", "white"), ("large", "gray"), ("la
 
 
 def _concept_scene(concept: EmbeddedConcept, index: int, background: str, size: str | None = None):
-    from bench.embedded.shapes import SIZES, Scene, ShapeObject, scene_rng
-
     size = size or concept.size
     rng = scene_rng(CONCEPT_SEED, index)
     r = SIZES[size]
@@ -258,15 +253,11 @@ def _concept_scene(concept: EmbeddedConcept, index: int, background: str, size: 
 
 
 def _class_prompts(class_noun: str) -> tuple[str, ...]:
-    from bench.embedded.shapes import BACKGROUNDS, COLORS, SIZES
-
     return tuple(f"a {size} {color} {class_noun} on a {bg} background"
                  for size in SIZES for color in COLORS for bg in BACKGROUNDS)
 
 
 def embedded_subject(concept: EmbeddedConcept, resolution: int = 32) -> Subject:
-    from bench.embedded.shapes import BACKGROUNDS, render
-
     backgrounds = list(BACKGROUNDS)
     scenes = [_concept_scene(concept, i, backgrounds[i % len(backgrounds)]) for i in range(CONCEPT_IMAGES)]
     images = np.stack([render(s, resolution)[0] for s in scenes])
@@ -298,8 +289,6 @@ class EmbeddedConcepts(PersonalizationSet):
 
     def class_reference(self, subject: Subject, num: int, seed: int = CLASS_REFERENCE_SEED):
         """Rendered scenes of the class (seen colors and backgrounds): the world's real class photos."""
-        from bench.embedded.shapes import WorldConfig, make_scenes, render
-
         world = WorldConfig(self.resolution, max_objects=1, split="train")
         scenes = [s for s in make_scenes(seed, range(num * 8), world) if s.objects[0].shape == subject.class_noun]
         if len(scenes) < num:
@@ -308,15 +297,11 @@ class EmbeddedConcepts(PersonalizationSet):
         return np.stack([render(s, self.resolution)[0] for s in scenes]), [s.caption for s in scenes]
 
     def identity(self) -> dict[str, Any]:
-        from bench.embedded.shapes import RENDERER_VERSION
-
         return {**super().identity(), "renderer_version": RENDERER_VERSION, "seed": CONCEPT_SEED}
 
 
 def load_personalization_set(name: str) -> PersonalizationSet:
     """A registered personalization data set by name (BenchError for any other data set)."""
-    from bench.datasets import load_dataset
-
     reference = load_dataset(name)
     if not isinstance(reference, PersonalizationSet):
         raise BenchError(f"data set {name} is not a personalization data set (subjects with images and prompts); "

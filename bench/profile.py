@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench.errors import BenchError
+from bench.runtime import ATTENTION, attention_context, check_attention, configure
+from bench.spec import DTYPES, RunSpec
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"
 MIN_TIMED = 10
@@ -63,9 +65,6 @@ class LatencyProfile:
     seed: int = 0  # random weights and inputs
 
     def __post_init__(self) -> None:
-        from bench.runtime import ATTENTION
-        from bench.spec import DTYPES
-
         if self.arch not in ARCHS:
             raise BenchError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
         if self.dtype not in DTYPES:
@@ -84,7 +83,7 @@ class LatencyProfile:
 
 def _config(arch: str) -> tuple[str, dict[str, Any]]:
     if arch == "embedded-ddpm":
-        from bench.models import EMBEDDED_WEIGHTS
+        from bench.models import EMBEDDED_WEIGHTS  # lazy: bench.cli imports this module at startup
 
         data = json.loads((EMBEDDED_WEIGHTS / "pixel-ddpm" / "unet" / "config.json").read_text())
     else:
@@ -94,11 +93,10 @@ def _config(arch: str) -> tuple[str, dict[str, Any]]:
 
 def build(profile: LatencyProfile):
     """The module with random weights on the device and dtype, its options applied, and a call on fixed inputs."""
-    import diffusers
+    import diffusers  # lazy: bench.cli imports this module at startup
     import torch
 
     from bench.runner import resolve_device
-    from bench.runtime import attention_context, check_attention, configure
 
     device = resolve_device(profile.device)
     dtype = getattr(torch, profile.dtype)
@@ -142,7 +140,7 @@ def build(profile: LatencyProfile):
 def time_calls(call: Callable[[], Any], device, warmup: int, iters: int) -> tuple[list[float], float]:
     """Seconds of each of ``iters`` timed calls after ``warmup`` untimed ones (CUDA events on a GPU, a synchronised
     perf_counter elsewhere), and the first call's seconds (compilation, allocation)."""
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
 
     from bench.denoiser import synchronize
 
@@ -174,7 +172,7 @@ def time_calls(call: Callable[[], Any], device, warmup: int, iters: int) -> tupl
 
 def measure_latency(profile: LatencyProfile) -> dict[str, Any]:
     """Per-call and per-image latency of ``profile``: the protocol, the values and the machine."""
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
 
     from bench.runner import device_name
     from metrics.latency import spread
@@ -219,8 +217,7 @@ BOUNDS = {  # name: (bound, "max" or "min"): issue 6's
 
 
 def _plan(bench: HarnessBenchmark, output: Path, metrics: tuple[str, ...]):
-    from bench.runner import plan_run
-    from bench.spec import RunSpec
+    from bench.runner import plan_run  # lazy: bench.cli imports this module at startup
 
     spec = RunSpec(method="ddim", model="embedded-ddpm", dataset="shapes16", steps=bench.steps,
                    num_samples=bench.num_samples, batch_size=bench.batch_size, seed=bench.seed, metrics=metrics,
@@ -230,7 +227,7 @@ def _plan(bench: HarnessBenchmark, output: Path, metrics: tuple[str, ...]):
 
 def _plain_ddim(plan) -> Callable[[], Any]:
     """diffusers' DDIMPipeline with the run's scheduler config, steps, batch size and per-sample seeds."""
-    import numpy as np
+    import numpy as np  # lazy: bench.cli imports this module at startup
     import torch
     from diffusers import DDIMPipeline
 
@@ -257,7 +254,7 @@ def _plain_ddim(plan) -> Callable[[], Any]:
 def sampling_benchmarks(bench: HarnessBenchmark, workdir: Path, raw: dict[str, list[float]]) -> tuple[dict[str, float], Any]:
     """Harness overhead and throughput against DDIMPipeline, interleaved ``repeats`` times; also the samples.
     ``raw`` receives every repeat's seconds."""
-    import numpy as np
+    import numpy as np  # lazy: bench.cli imports this module at startup
 
     from bench.runner import sample
 
@@ -308,13 +305,14 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
     own cache of the reference features (the second of two calls). Its FID accumulates statistics in float32 where
     the harness uses float64, so the values agree to about 1e-6 relative.
     """
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
     import torch_fidelity
 
     from bench.datasets import Shapes16
     from bench.evaluation import FEATURE_BATCH_SIZE, SamplingTimings, UInt8Images
     from bench.runner import evaluate
-    from metrics.fidelity import ensure_registered, kid_subset_size
+    from bench.extractors import ensure_registered
+    from metrics.fidelity import kid_subset_size
 
     plan = _plan(bench, workdir / "metrics", ("fid", "kid"))
     timings = SamplingTimings(batch_calls=[bench.steps])
@@ -378,7 +376,7 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
 
 def run_harness_benchmarks(bench: HarnessBenchmark, only: tuple[str, ...] = ("sampling", "metrics")) -> dict[str, Any]:
     """All harness benchmarks in this process; returns the values, their bounds and the machine's state."""
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
 
     from bench.runner import sample
 

@@ -4,7 +4,7 @@ Sections: the leaderboard; quality-versus-NFE and quality-versus-latency (Pareto
 plots; each configuration's image grid at one shared run seed (sample i of every
 run with that seed starts from the same noise, so grids compare cell by cell);
 each method card's paper reference next to the value reproduced here, with
-pass/fail where a claim is checkable (``CLAIMS``); and the environment.
+the verdicts of the newest `bench claims` run (bench.claims.latest_verdicts); and the environment.
 
 The HTML page fetches nothing: images are inlined as base64 PNG and a Content
 Security Policy forbids every other source. The page and the markdown are rendered from
@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import os
 import platform
@@ -31,137 +30,23 @@ from typing import Any, Mapping, Sequence
 from markupsafe import Markup
 
 from bench import outputs
-from bench.errors import BenchError
-from bench.leaderboard import check_comparable, config_table, display_rows, fmt_ci, lower_is_better, non_default_args
+from bench.leaderboard import display_rows, lower_is_better
 from bench.render import md_cell, md_table, render
-from bench.sweep import noise_margin
 
-# -- claims: what a method card says about the embedded world, as data ------------------------
-
-
-@dataclass(frozen=True)
-class Pick:
-    """One configuration named by a claim: a method with its non-default args, at a step count."""
-
-    method: str
-    steps: int
-    args: Mapping[str, Any] = field(default_factory=dict)
-
-    def label(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
-        return f"{self.method}({inner}) {self.steps} steps" if inner else f"{self.method} {self.steps} steps"
-
-    def matches(self, row) -> bool:
-        if row["method"] != self.method or int(row["steps"]) != self.steps:
-            return False
-        return non_default_args(self.method, json.loads(row["method_args"])) == {k: str(v) for k, v in self.args.items()}
+# -- claims: the verdicts of the newest `bench claims` run (bench/claims.py), never a table of its own ------------
 
 
-@dataclass(frozen=True)
-class Claim:
-    """``subject`` stands in ``relation`` to ``other`` on ``metric``, beyond seed noise.
-
-    With a = subject's mean, b = other's, and m = noise_margin(b, CIs, tolerance)
-    (max(tolerance x |b|, root-sum-square of the two 95% half-widths)):
-    below: a < b - m; at_or_below: a <= b + m; near: |a - b| <= m;
-    above: a > b + m; at_or_above: a >= b - m.
-    """
-
-    method: str  # whose card makes the claim
-    subject: Pick
-    relation: str
-    other: Pick
-    metric: str = "fid"
-    tolerance: float = 0.10
-    model: str = "embedded-ddpm"
-    dataset: str = "shapes16"
-
-
-RELATIONS = {
-    "below": ("clearly below", lambda a, b, m: a < b - m),
-    "at_or_below": ("at or below", lambda a, b, m: a <= b + m),
-    "near": ("near", lambda a, b, m: abs(a - b) <= m),
-    "above": ("clearly above", lambda a, b, m: a > b + m),
-    "at_or_above": ("at or above", lambda a, b, m: a >= b - m),
-}
-
-
-def _p(method: str, steps: int, **args: Any) -> Pick:
-    return Pick(method, steps, args)
-
-
-# The embedded claims of the method cards (methods/*.py, `bench ls methods --cards`), one row per check.
-CLAIMS: tuple[Claim, ...] = (
-    Claim("ddim", _p("ddim", 50), "below", _p("ddim", 5)),
-    Claim("ddpm", _p("ddpm", 1000), "near", _p("ddim", 50)),
-    Claim("pndm", _p("pndm", 20), "at_or_below", _p("ddim", 50)),
-    Claim("dpmsolver", _p("dpmsolver", 10), "at_or_below", _p("ddim", 50)),
-    Claim("dpmsolver", _p("dpmsolver", 20), "at_or_below", _p("ddim", 50)),
-    Claim("dpmsolver++", _p("dpmsolver++", 10), "at_or_below", _p("ddim", 50)),
-    Claim("dpmsolver++", _p("dpmsolver++", 20), "at_or_below", _p("ddim", 50)),
-    Claim("dpmsolver++-sde", _p("dpmsolver++-sde", 20), "near", _p("dpmsolver++", 20)),
-    Claim("dpmsolver++-sde", _p("dpmsolver++-sde", 50), "near", _p("dpmsolver++", 50)),
-    Claim("unipc", _p("unipc", 5), "at_or_below", _p("dpmsolver++", 5)),
-    Claim("unipc", _p("unipc", 10), "at_or_below", _p("dpmsolver++", 10)),
-    Claim("deis", _p("deis", 10, solver_order=3), "at_or_below", _p("ddim", 10)),
-    Claim("euler", _p("euler", 35), "at_or_above", _p("heun", 18)),
-    Claim("heun", _p("heun", 18), "at_or_below", _p("euler", 35)),
-    Claim("euler-ancestral", _p("euler-ancestral", 50), "near", _p("ddpm", 1000)),
-    Claim("euler-ancestral", _p("euler-ancestral", 50), "above", _p("euler", 10)),
-    Claim("lms", _p("lms", 20), "near", _p("euler", 50)),
-    Claim("kdpm2", _p("kdpm2", 10), "near", _p("heun", 10)),
-)
-
-
-@dataclass
-class ClaimResult:
-    claim: Claim
-    subject: tuple[float, float, int] | None  # mean, 95% half-width, seeds
-    other: tuple[float, float, int] | None
-    margin: float = float("nan")
-    verdict: str = "not measured"  # pass | fail | not measured
-
-    def sentence(self) -> str:
-        c = self.claim
-        return (f"{c.metric} of {c.subject.label()} {RELATIONS[c.relation][0]} {c.other.label()} "
-                f"(tolerance {c.tolerance:.0%} or the seed CI)")
-
-    def measured(self) -> str:
-        def one(v):
-            return "not run" if v is None else f"{fmt_ci(v[0], v[1])} ({v[2]} seed{'s' * (v[2] != 1)})"
-
-        margin = "" if math.isnan(self.margin) else f"; margin {self.margin:.3f}"
-        return f"{one(self.subject)} vs {one(self.other)}{margin}"
-
-
-def judge_claims(runs, claims: Sequence[Claim] = CLAIMS) -> list[ClaimResult]:
-    """Check each claim on the runs of its model and data set (configurations averaged over seeds)."""
-    results = []
-    tables: dict[tuple[str, str, str], Any] = {}
-    for claim in claims:
-        key = (claim.model, claim.dataset, claim.metric)
-        if key not in tables:
-            sel = runs[(runs["model"] == claim.model) & (runs["dataset"] == claim.dataset)]
-            sel = sel[sel[claim.metric].notna()] if claim.metric in sel else sel.iloc[0:0]
-            tables[key] = config_table(sel, [claim.metric], by=()) if len(sel) else None
-        table = tables[key]
-
-        def value(pick: Pick):
-            if table is None:
-                return None
-            hit = [r for _, r in table.iterrows() if pick.matches(r)]
-            if not hit:
-                return None
-            r = hit[0]
-            return float(r[claim.metric]), float(r[f"{claim.metric}_ci95"]), int(r["seeds"])
-
-        a, b = value(claim.subject), value(claim.other)
-        result = ClaimResult(claim, a, b)
-        if a is not None and b is not None:
-            result.margin = noise_margin(b[0], a[1], b[1], claim.tolerance)
-            result.verdict = "pass" if RELATIONS[claim.relation][1](a[0], b[0], result.margin) else "fail"
-        results.append(result)
-    return results
+def claim_checks(verdicts: Sequence[Mapping[str, Any]] | None, method: str) -> list[dict[str, str]]:
+    """The report's rows for ``method`` from the newest claims run's table (rows as bench.claims.Verdict.to_dict)."""
+    rows = []
+    for v in verdicts or ():
+        if v["method"] != method:
+            continue
+        arms = "; ".join(a["label"] for a in v.get("arms", ()))
+        rows.append({"check": f"{v['claim']}: {v['statement']} ({v['metric']} {v['relation']}: {arms})",
+                     "measured": "; ".join(x for x in (v.get("measured", ""), v.get("detail", "")) if x),
+                     "verdict": v["verdict"]})
+    return rows
 
 
 # -- the report's content -------------------------------------------------------------------------
@@ -316,23 +201,22 @@ def collect_grids(client, runs, board) -> tuple[int | None, dict[int, dict[str, 
     return seed, grids, configs
 
 
-def method_cards(runs, results: list[ClaimResult]) -> list[dict[str, Any]]:
+def method_cards(runs, verdicts: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
     from bench.catalog import METHODS
 
     out = []
-    for method in sorted(set(runs["method"])):
+    for method in sorted(set(runs["method"]) | {v["method"] for v in verdicts or ()}):
         try:
             card = METHODS.get(method).card
         except Exception:
             card = None
-        checks = [r for r in results if r.claim.method == method]
         out.append({
             "method": method,
             "citation": card.citation if card else "",
             "url": card.url if card else "",
             "reference": card.reference if card else "",
             "claim": card.embedded_claim if card else "",
-            "checks": [{"check": r.sentence(), "measured": r.measured(), "verdict": r.verdict} for r in checks],
+            "checks": claim_checks(verdicts, method),
         })
     return out
 
@@ -361,8 +245,9 @@ def environment(runs, tracking_uri: str) -> list[tuple[str, str]]:
 
 
 def build(runs, metric: str, client, tracking_uri: str, title: str, subtitle: str,
-          sections: Sequence[Section] = ()) -> Report:
-    """Everything the page shows, computed once; the renderers only format it."""
+          sections: Sequence[Section] = (), verdicts: Sequence[Mapping[str, Any]] | None = None) -> Report:
+    """Everything the page shows, computed once; the renderers only format it. ``verdicts``: the claims table of the
+    newest `bench claims` run (bench.claims.latest_verdicts), shown per method."""
     from bench.leaderboard import leaderboard
 
     board = leaderboard(runs, metric)
@@ -378,14 +263,9 @@ def build(runs, metric: str, client, tracking_uri: str, title: str, subtitle: st
         if "latency_per_image_ms" in group and group["latency_per_image_ms"].notna().any():
             plots.append((f"{label} versus latency per image, Pareto front ({where}, protocol {h[:10]})",
                           plot_pareto(group, metric, f"{label} vs latency ({where})")))
-    try:
-        check_comparable(runs, "fid")
-        results = judge_claims(runs) if "fid" in runs else []
-    except BenchError:  # FID under several protocols: no claim can be checked across them
-        results = []
     seed, grids, configs = collect_grids(client, runs, board)
     return Report(title, subtitle, metric, board, headers, groups, plots, seed, grids, configs,
-                  method_cards(runs, results), environment(runs, tracking_uri), list(sections))
+                  method_cards(runs, verdicts), environment(runs, tracking_uri), list(sections))
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -416,7 +296,7 @@ def data_uri(png: bytes) -> str:
 
 
 def verdict_class(verdict: str) -> str:
-    return {"pass": "pass", "fail": "fail"}.get(verdict, "none")
+    return {"holds": "pass", "does not hold": "fail"}.get(verdict, "none")
 
 
 def verdict_badge(verdict: str) -> str:
@@ -430,7 +310,7 @@ def render_html(r: Report) -> str:
                   verdict_class=verdict_class)
 
 
-NO_CHECK = {"check": "no checkable claim", "measured": "", "verdict": "n/a"}
+NO_CHECK = {"check": "no verdict (run `bench claims`)", "measured": "", "verdict": "n/a"}
 
 
 def render_md(r: Report, assets: Path, rel: str) -> str:

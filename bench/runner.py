@@ -27,7 +27,7 @@ import numpy as np
 
 from bench.distributed import Shards
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
+from bench.interfaces import Batch, DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
 from bench.outputs import undeclared
 from bench.spec import RunSpec, stable_hash
 
@@ -180,7 +180,7 @@ def plan_run(spec: RunSpec) -> Plan:
     spec = spec.replace(num_samples=spec.num_samples or reference.default_num_samples or DEFAULT_NUM_SAMPLES)
     metric_classes = {name: METRICS.get(name) for name in metric_names}
     for name, metric_cls in metric_classes.items():
-        if metric_cls.needs_prompts and not method_cls.text_conditioned:
+        if metric_cls.needs_prompts and not method_cls.takes_prompts():
             raise BenchError(f"metric {name} needs prompts; method {spec.method!r} is not text-conditioned")
         if metric_cls.needs_edits and method_cls.conditioning != "edit":
             raise BenchError(f"metric {name} needs an editing run; method {spec.method!r} is not an editor")
@@ -196,8 +196,7 @@ def plan_run(spec: RunSpec) -> Plan:
     model = load_model(model_name)
     method = method_cls(args)
     method.check(model, spec.steps)
-    if hasattr(method, "check_dataset"):  # methods that train on the data set (personalization)
-        method.check_dataset(reference)
+    method.check_dataset(reference)
     c, h, w = model.sample_shape
     if (reference.has_images and (h, w) != (reference.resolution, reference.resolution)) or c != 3:
         raise BenchError(
@@ -219,11 +218,7 @@ def plan_run(spec: RunSpec) -> Plan:
         raise BenchError(f"method {method.name!r} edits images, and data set {reference.name} has no edits "
                          f"(use embedded-edits or pie-bench)")
 
-    method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args}
-    if hasattr(method, "resolved_config"):
-        method_protocol["scheduler"] = method.resolved_config(model)
-    if hasattr(method, "extra_protocol"):  # e.g. the guidance classifier's weights digest
-        method_protocol.update(method.extra_protocol(model))
+    method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args, **method.protocol(model)}
     eval_protocol = {name: m.protocol(spec, reference) for name, m in metrics.items()}
     protocol = {
         "spec": spec.hashed_fields(),
@@ -260,8 +255,8 @@ def _items_digest(items: list[EditItem]) -> str:
 
 def _prompts_and_targets(spec: RunSpec, method: Method, reference: ReferenceSet, metrics: dict[str, Metric]):
     """The prompt of every sample (text-conditioned methods) and what each sample should show (for metrics)."""
-    prompts = reference.prompts(spec.num_samples) if method.text_conditioned else None
-    if method.text_conditioned and prompts is None:
+    prompts = reference.prompts(spec.num_samples) if method.takes_prompts() else None
+    if method.takes_prompts() and prompts is None:
         raise BenchError(f"method {method.name!r} needs prompts, and data set {reference.name} has none "
                          f"(use shapes32, a prompt data set or a prompt file)")
     targets = method.targets(spec.num_samples)
@@ -274,14 +269,6 @@ def _prompts_and_targets(spec: RunSpec, method: Method, reference: ReferenceSet,
     return prompts, targets
 
 
-def to_uint8(images) -> np.ndarray:
-    """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C], rounding as diffusers' numpy_to_pil does."""
-    import torch
-
-    x = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
-    return (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-
-
 def batch_range(spec: RunSpec, k: int) -> tuple[int, int]:
     """The samples [start, stop) of batch k: fixed by the batch size alone, whatever the processes."""
     return k * spec.batch_size, min((k + 1) * spec.batch_size, spec.num_samples)
@@ -291,14 +278,17 @@ def num_batches(spec: RunSpec) -> int:
     return -(-spec.num_samples // spec.batch_size)
 
 
+def make_batch(plan: Plan, indices: range, seeds: list[int]) -> Batch:
+    """The batch of samples ``indices``: sample i gets seed i (and prompt i, edit i, target i), whatever the batching."""
+    return Batch(seeds=tuple(int(s) for s in seeds), steps=plan.spec.steps, indices=tuple(indices),
+                 prompts=tuple(plan.prompts[i].text for i in indices) if plan.prompts is not None else (),
+                 edits=tuple(plan.items[i] for i in indices) if plan.items is not None else (),
+                 targets=tuple(plan.targets[i] for i in indices) if plan.targets is not None else ())
+
+
 def _generate_batch(plan: Plan, indices: range, seeds: list[int], denoiser):
     """Images in [-1, 1] of samples ``indices``: each from its own seed (and prompt or edit), not from the batch."""
-    spec = plan.spec
-    if plan.items is not None:  # an editor: sample i edits item i with seed i
-        return plan.method.generate(plan.model, seeds, spec.steps, denoiser, items=[plan.items[i] for i in indices])
-    if plan.prompts is not None:  # sample i gets prompt i and seed i, whatever the batching
-        return plan.method.generate(plan.model, seeds, spec.steps, denoiser, [plan.prompts[i].text for i in indices])
-    return plan.method.generate(plan.model, seeds, spec.steps, denoiser)
+    return plan.method.generate(plan.model, make_batch(plan, indices, seeds), denoiser)
 
 
 def peak_memory(device) -> tuple[int, str]:
@@ -322,6 +312,7 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
     from tqdm.auto import tqdm
 
     from bench.denoiser import CountingDenoiser, sample_seed, synchronize
+    from bench.images import to_uint8
     from bench.runtime import attention_context
     from bench.shards import ShardRecord, ShardStore
 

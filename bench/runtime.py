@@ -25,7 +25,7 @@ def attention_context(attention: str):
     """The context every denoiser call of a run runs in: an SDPA kernel pinned, or nothing."""
     if attention not in SDPA_KERNELS:
         return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # lazy: bench.cli imports this module at startup
 
     return sdpa_kernel(getattr(SDPBackend, SDPA_KERNELS[attention]))
 
@@ -34,7 +34,7 @@ def check_attention(attention: str, device, dtype) -> None:
     """One line before any work if the pinned SDPA kernel cannot run on this device and dtype."""
     if attention not in SDPA_KERNELS:
         return
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
     import torch.nn.functional as F
 
     q = torch.zeros(1, 2, 8, 64, device=device, dtype=dtype)
@@ -48,7 +48,7 @@ def check_attention(attention: str, device, dtype) -> None:
 
 def configure(module: Any, attention: str, compile: bool, channels_last: bool) -> dict[str, Any]:
     """Apply the options to a diffusers model in place; returns what ran (recorded in the run's protocol)."""
-    import torch
+    import torch  # lazy: bench.cli imports this module at startup
 
     from diffusers.models.attention_processor import Attention, AttnProcessor
 

@@ -7,10 +7,14 @@ panel each, mean and 95% interval over seeds.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import pandas as pd
+
 from bench import outputs
+from bench.sweep import t_interval
 
 PANELS = ("fid", "clip_score", "attr_acc_all")  # labels and directions: the metrics' declarations (bench.outputs)
 
@@ -33,15 +37,11 @@ def varied_options(cells: Sequence[Any]) -> list[str]:
 
 def plot_option_tradeoff(rows: list[dict[str, Any]], option: str, path: Path, title: str) -> Path | None:
     """One panel per available metric: the metric against ``option`` (one line per method)."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-    from bench.sweep import t_interval
 
     df = pd.DataFrame(rows)
     df["_x"] = [json.loads(a).get(option) for a in df["method_args"]]

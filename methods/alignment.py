@@ -32,12 +32,20 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 
-from bench.alignment import FeedbackSet, Reward, check_reward_name, load_feedback, load_reward
+from bench.alignment import (FeedbackSet, Reward, approval, check_reward_name, feedback_folder, load_feedback,
+                             load_reward, sample_with_logprob)
 from bench.claim import Arm
+from bench.denoiser import sample_seed
+from bench.embedded.feedback import FEEDBACK_IMAGE_SEED, decode, prompts
 from bench.errors import BenchError
-from bench.finetune import BudgetMeter, saved_bytes, trainable_parameters
+from bench.finetune import BudgetMeter, encode_images, saved_bytes, trainable_parameters
 from bench.interfaces import DiffusionModel
+from bench.validate import check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -61,11 +69,7 @@ BASE = ("base model", heldout("cfg", guidance=7.5))  # the untuned model, sample
 
 
 def _check(name: str, value: Any, integer: bool = True, zero: bool = False, upper: float | None = None) -> None:
-    kind = int if integer else (int, float)
-    bad = isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not zero)
-    if bad or (upper is not None and value > upper):
-        raise ValueError(f"--{name.replace('_', '-')} must be a {'non-negative' if zero else 'positive'} "
-                         f"{'integer' if integer else 'number'}{f' <= {upper}' if upper is not None else ''}, got {value!r}")
+    check_option(name, value, 0, upper, integer=integer, lo_open=not zero)
 
 
 @dataclass(frozen=True)
@@ -123,8 +127,8 @@ class AlignmentMethod(LatentTextToImage):
         if self.uses_reward_model or self.args.reward != "feedback":
             self.reward()  # missing weights: one line now, before the run exists
 
-    def extra_protocol(self, model: DiffusionModel) -> dict[str, Any]:
-        out: dict[str, Any] = {"training_seed": "torch.Generator().manual_seed(run seed)"}
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        out: dict[str, Any] = {**super().protocol(model), "training_seed": "torch.Generator().manual_seed(run seed)"}
         if self.uses_reward_model or self.args.reward != "feedback":
             out["reward"] = self.reward().identity()
         feedback = committed_feedback(model)
@@ -170,8 +174,6 @@ class AlignmentMethod(LatentTextToImage):
         if not self.args.lora_rank:
             params = list(model.unet.parameters())
         else:
-            from peft import LoraConfig
-
             config = LoraConfig(r=self.args.lora_rank, lora_alpha=self.args.lora_rank, init_lora_weights="gaussian",
                                 target_modules=list(LORA_TARGETS))
             with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
@@ -190,9 +192,6 @@ class AlignmentMethod(LatentTextToImage):
         if not self.args.lora_rank:
             model.unet.save_pretrained(workdir / "unet", safe_serialization=True)
             return [workdir / "unet"]
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
 
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=ADAPTER))
         StableDiffusionPipeline.save_lora_weights(workdir, unet_lora_layers=state, safe_serialization=True)
@@ -202,15 +201,12 @@ class AlignmentMethod(LatentTextToImage):
         """The simulated human's approval rate of training images (a curve in the log; the embedded world only)."""
         if not targets or images_uint8.shape[-1] != 32:
             return None
-        from bench.alignment import approval
 
         return float(np.mean(approval(images_uint8, targets)))
 
 
 def committed_feedback(model: DiffusionModel) -> FeedbackSet | None:
     """The embedded feedback set if ``model`` is the model that drew it, else None."""
-    from bench.alignment import feedback_folder
-
     if not model.embedded or not (feedback_folder() / "feedback.json").exists():
         return None
     feedback = load_feedback()
@@ -221,10 +217,6 @@ def committed_feedback(model: DiffusionModel) -> FeedbackSet | None:
 def collect_feedback(model: DiffusionModel, n_prompts: int, per_prompt: int, guidance: float, steps: int = 20,
                      batch: int = 64) -> FeedbackSet:
     """``per_prompt`` images of each of ``n_prompts`` training prompts from ``model`` (CFG, DDIM 20 steps), unlabeled."""
-    from bench.alignment import sample_with_logprob
-    from bench.denoiser import sample_seed
-    from bench.embedded.feedback import FEEDBACK_IMAGE_SEED, prompts
-
     train = prompts("train", n_prompts, distinct=True)
     texts = [t for t, _ in train for _ in range(per_prompt)]
     seeds = [sample_seed(FEEDBACK_IMAGE_SEED, i) for i in range(len(texts))]
@@ -236,8 +228,6 @@ def collect_feedback(model: DiffusionModel, n_prompts: int, per_prompt: int, gui
 
 
 def decode_uint8(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    from bench.embedded.feedback import decode
-
     return decode(model, latents)
 
 
@@ -249,8 +239,6 @@ def image_posterior(model: DiffusionModel, latents: torch.Tensor, batch: int = 2
     as the pre-training images were; training on the sampler's raw final latents instead taught the model their
     off-manifold speckle (measured: twice the stray small regions in the samples after reward-weighted training).
     """
-    from bench.finetune import encode_images
-
     images = decode_uint8(model, latents)
     parts = [encode_images(model, images[a : a + batch]) for a in range(0, len(images), batch)]
     return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])

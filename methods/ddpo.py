@@ -57,6 +57,8 @@ import torch
 
 from bench.alignment import ddim_scheduler, ddim_step_with_logprob, guided_eps, sample_with_logprob
 from bench.claim import Claim
+from bench.denoiser import sample_seed
+from bench.embedded.feedback import prompts
 from bench.interfaces import MethodCard
 from methods.alignment import BASE, AlignmentArgs, AlignmentMethod, _check, decode_uint8, heldout
 
@@ -166,9 +168,6 @@ class DDPO(AlignmentMethod):
     )
 
     def train(self, model, params, gen, spec) -> int:
-        from bench.denoiser import sample_seed
-        from bench.embedded.feedback import prompts
-
         args = self.args
         reward = self.reward()
         pool = prompts("train", max(args.feedback_prompts, args.prompts_per_epoch), distinct=True)

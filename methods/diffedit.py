@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bench.claim import Claim, edit
-from bench.interfaces import MethodCard
-from methods.editing import EditArgs, LatentEditor, check_number
+from bench.interfaces import Batch, MethodCard
+from methods.editing import EditArgs, LatentEditor, check_edits, check_number
 
 
 ENCODINGS = ("unconditional", "source")
@@ -120,9 +120,8 @@ class DiffEdit(LatentEditor):
         return (scaled > a.mask_threshold).to(z0.dtype)[:, None]
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, items=()):
-        if len(items) != len(seeds):
-            raise ValueError(f"{len(items)} edits for {len(seeds)} seeds")
+    def generate(self, model, batch: Batch, denoiser):
+        items, seeds, steps = check_edits(batch), batch.seeds, batch.steps
         generators = self.generators(seeds)
         z0 = self.encode_images(model, items)
         cond_src, uncond = self.encode_text(model, [it.source_prompt for it in items])

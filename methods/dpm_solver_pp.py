@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
 from methods.sampling import KarrasSigmasArgs, SchedulerSampler, ZeroTerminalSNRArgs, check_order
 
@@ -40,9 +41,22 @@ class DPMSolverPP(SchedulerSampler):
         "second-order steps use the previous model output, so NFE = steps). Matches a from-the-paper 2M to 1e-5 "
         "relative (tests/test_samplers.py).",
         reference="CIFAR-10 FID 2.91 at 10 NFE on the EDM model (DPM-Solver-v3, arXiv 2310.13268, Table 1).",
-        embedded_claim="2M at 10-20 steps has an FID at or below DDIM 50 on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.88 / 0.65 against DDIM-50 2.42: holds; tests/test_claims.py).",
+        embedded_claim="2M at 10 and 20 steps has an FID at or below DDIM 50 on shapes16; with UniPC, 20 NFE "
+        "reach DDIM 50. "
+        "Decided by `bench claims --method dpmsolver++` (the verdict and the values: its latest MLflow claims "
+        "run, `bench report`).",
     )
     Args = DPMSolverPPArgs
+    claims = (
+        Claim("10-steps-at-or-below-ddim-50", "2M at 10 steps is at or below DDIM at 50 steps",
+              "CIFAR-10 FID 2.91 at 10 NFE on the EDM model (DPM-Solver-v3, arXiv 2310.13268, Table 1)", "fid",
+              (("2M 10", pixel("dpmsolver++", 10)), ("ddim 50", pixel("ddim", 50))), "at-most", margin=0.1,
+              relative=True),
+        Claim("20-steps-at-or-below-ddim-50", "2M at 20 steps is at or below DDIM at 50 steps",
+              "Lu et al. 2022b: 10-20 NFE for guided and unguided sampling", "fid",
+              (("2M 20", pixel("dpmsolver++", 20)), ("ddim 50", pixel("ddim", 50))), "at-most", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "DPMSolverMultistepScheduler"
 
     def scheduler_overrides(self) -> dict[str, Any]:
@@ -65,9 +79,17 @@ class DPMSolverPP2S(SchedulerSampler):
         "evaluation; diffusers lays the intermediate points out as timesteps, so --steps counts NFE and the "
         "orders alternate 1, 2, 1, 2, ... with first-order final steps.",
         reference="",
-        embedded_claim="2S at 20 NFE has an FID near 2M at 20 NFE on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.76 against 0.65).",
+        embedded_claim="2S at 20 NFE has an FID near 2M at 20 NFE on shapes16. Decided by `bench claims --method "
+        "dpmsolver++-2s` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = DPMSolverPP2SArgs
+    claims = (
+        Claim("near-2m-at-20-nfe", "the singlestep 2S is near the multistep 2M at equal NFE",
+              "Lu et al. 2022b, Algorithm 1 and 2 (no shared table on CIFAR-10)", "fid",
+              (("2S 20", pixel("dpmsolver++-2s", 20, quick_seeds=(0,))),
+               ("2M 20", pixel("dpmsolver++", 20, quick_seeds=(0,)))), "within", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "DPMSolverSinglestepScheduler"
 
     def scheduler_overrides(self) -> dict[str, Any]:
@@ -95,9 +117,23 @@ class DPMSolverPPSDE(SchedulerSampler):
         "(released with their code; diffusers' sde-dpmsolver++): the exponential integrator with data "
         "prediction plus fresh noise every step, drawn from each sample's own generator.",
         reference="",
-        embedded_claim="At 20-50 steps the SDE variant has an FID near 2M on shapes16 " + "(measured, suites/zoo.yaml, 500 samples: 0.53 against 0.65 at 20 steps).",
+        embedded_claim="At 20 and 50 steps the SDE variant has an FID near 2M on shapes16. Decided by `bench "
+        "claims --method "
+        "dpmsolver++-sde` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = DPMSolverPPSDEArgs
+    claims = (
+        Claim("near-2m-at-20-steps", "the SDE variant is near the ODE solver 2M at 20 steps",
+              "the authors' released solver (no table); diffusers' sde-dpmsolver++", "fid",
+              (("sde 20", pixel("dpmsolver++-sde", 20, quick_seeds=(0,))),
+               ("2M 20", pixel("dpmsolver++", 20, quick_seeds=(0,)))), "within",
+              margin=0.1, relative=True),
+        Claim("near-2m-at-50-steps", "the SDE variant is near the ODE solver 2M at 50 steps",
+              "the authors' released solver (no table)", "fid",
+              (("sde 50", pixel("dpmsolver++-sde", 50, quick_seeds=(0,))),
+               ("2M 50", pixel("dpmsolver++", 50, quick_seeds=(0,)))), "within",
+              margin=0.1, relative=True),
+    )
     scheduler_class = "DPMSolverMultistepScheduler"
 
     def scheduler_overrides(self) -> dict[str, Any]:

@@ -23,19 +23,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Sequence
 
+import numpy as np
 import torch
 
+from bench import sampling
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, EditItem, EditMethod
+from bench.interfaces import Batch, DiffusionModel, EditItem, EditMethod
+from bench.validate import check_choice, check_option
 
 INVERSIONS = ("none", "ddim", "null-text")
 
 
 def check_number(name: str, value: Any, low: float, high: float | None = None, integer: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    if not ok or value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"--{name.replace('_', '-')} must be {'an integer' if integer else 'a number'} {bound}, got {value!r}")
+    """``bench.validate.check_option`` over [low, high] (kept for the editors' Args)."""
+    check_option(name, value, low, high, integer=integer)
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,14 @@ class EditArgs(NullTextArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.inversion not in INVERSIONS:
-            raise ValueError(f"--inversion must be one of {', '.join(INVERSIONS)}, got {self.inversion!r}")
+        check_choice("inversion", self.inversion, INVERSIONS)
+
+
+def check_edits(batch: Batch) -> tuple[EditItem, ...]:
+    """The batch's edits, one per seed."""
+    if len(batch.edits) != len(batch):
+        raise ValueError(f"{len(batch.edits)} edits for {len(batch)} seeds")
+    return batch.edits
 
 
 @dataclass
@@ -101,28 +108,21 @@ class LatentEditor(EditMethod):
         return float(self.args.guidance)
 
     def make_scheduler(self, model: DiffusionModel):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+        return sampling.make_scheduler(model, "DDIMScheduler", sampler_defaults=False, owner=self.name)
 
     def make_inverse_scheduler(self, model: DiffusionModel):
-        import inspect
-
-        from diffusers import DDIMInverseScheduler
-
-        known = inspect.signature(DDIMInverseScheduler.__init__).parameters  # SD's config also has PNDM's skip_prk_steps
-        return DDIMInverseScheduler.from_config({k: v for k, v in model.scheduler_config.items() if k in known})
+        # SD's config also has PNDM's skip_prk_steps: only the entries the inverse scheduler takes
+        return sampling.make_scheduler(model, "DDIMInverseScheduler", known_only=True, owner=self.name)
 
     def resolved_config(self, model: DiffusionModel) -> dict[str, Any]:
-        config = dict(self.make_scheduler(model).config)
-        config["_class_name"] = "DDIMScheduler"
-        return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_use_default_values")}
+        return sampling.resolved_config(self.make_scheduler(model), "DDIMScheduler")
+
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        return {"scheduler": self.resolved_config(model)}
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
-        train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
-        if steps > train_steps:
-            raise BenchError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+        sampling.check_steps(model, steps)
         if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
             raise BenchError(f"method {self.name!r} needs an epsilon-prediction model (its masks and inversions are "
                              f"written in noise estimates); {model.name} predicts {model.scheduler_config['prediction_type']}")
@@ -130,13 +130,11 @@ class LatentEditor(EditMethod):
     # -- pieces ----------------------------------------------------------------------------------------------------
     @staticmethod
     def generators(seeds: Sequence[int]) -> list[torch.Generator]:
-        return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        return sampling.generators(seeds)
 
     @staticmethod
     def encode_images(model: DiffusionModel, items: Sequence[EditItem]) -> torch.Tensor:
         """Source images -> latents: the VAE posterior's mean times its scaling factor."""
-        import numpy as np
-
         param = next(model.vae.parameters())
         x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         expected = tuple(model.sample_shape[1:])
@@ -160,11 +158,7 @@ class LatentEditor(EditMethod):
 
     def guided_eps(self, denoiser, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """eps_u + s (eps_c - eps_u), both branches in one batched call (one branch when s = 1)."""
-        s = self.guidance_scale()
-        if s == 1.0:
-            return denoiser(x, t, encoder_hidden_states=cond)
-        eps_u, eps_c = denoiser(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).chunk(2)
-        return eps_u + s * (eps_c - eps_u)
+        return sampling.cfg_eps(denoiser, x, t, cond, uncond, self.guidance_scale())
 
     @staticmethod
     def editing_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
@@ -183,9 +177,7 @@ class LatentEditor(EditMethod):
             return Trajectory(scheduler, timesteps, [z0])
         kind = self.inversion()
         if kind == "none":
-            from diffusers.utils.torch_utils import randn_tensor
-
-            noise = randn_tensor(z0.shape, generator=generators, dtype=torch.float32).to(z0.device, z0.dtype)
+            noise = sampling.cpu_noise(generators, z0.shape[1:], z0.device, z0.dtype)
             return Trajectory(scheduler, timesteps, [scheduler.add_noise(z0, noise, t.reshape(1)) for t in timesteps] + [z0])
         latents = self.ddim_inversion(model, denoiser, z0, cond_src, steps, timesteps)
         trajectory = Trajectory(scheduler, timesteps, latents)
@@ -202,11 +194,9 @@ class LatentEditor(EditMethod):
         if not torch.equal(up.cpu(), timesteps.flip(0).cpu()):
             raise BenchError("DDIM inversion needs the inverse scheduler's timesteps to be the sampler's, reversed "
                              f"(timestep spacing {inverse.config.timestep_spacing!r} gives {up[:3].tolist()}...)")
-        x, path = z0, [z0]
-        for t in up:
-            eps = denoiser(x, t, encoder_hidden_states=cond_src)  # guidance 1: the pivot of null-text inversion
-            x = inverse.step(eps, t, x).prev_sample
-            path.append(x)
+        # guidance 1 (the conditional branch alone): the pivot of null-text inversion
+        path = sampling.denoise(inverse, z0, lambda x, t, k: denoiser(x, t, encoder_hidden_states=cond_src),
+                                timesteps=up, record=True).latents
         return path[::-1]
 
     def null_text_inversion(self, denoiser, trajectory: Trajectory, cond: torch.Tensor,
@@ -228,7 +218,7 @@ class LatentEditor(EditMethod):
             for _ in range(a.null_steps):
                 with torch.enable_grad():
                     eps_u = denoiser(x, t, encoder_hidden_states=null)
-                    eps = eps_u + self.guidance_scale() * (eps_c - eps_u)
+                    eps = sampling.guide(eps_u, eps_c, self.guidance_scale())
                     prev = scheduler.step(eps, t, x).prev_sample
                     loss = ((prev - target) ** 2).flatten(1).mean(1)  # one MSE per sample
                     done = loss.detach() < a.null_tolerance + k * 2e-5
@@ -245,7 +235,7 @@ class LatentEditor(EditMethod):
             nulls.append(null)
             with torch.no_grad():
                 eps_u = denoiser(x, t, encoder_hidden_states=null)
-                x = scheduler.step(eps_u + self.guidance_scale() * (eps_c - eps_u), t, x).prev_sample
+                x = scheduler.step(sampling.guide(eps_u, eps_c, self.guidance_scale()), t, x).prev_sample
         return nulls
 
     @staticmethod
@@ -257,13 +247,11 @@ class LatentEditor(EditMethod):
     def denoise(self, denoiser, trajectory: Trajectory, cond: torch.Tensor, uncond: torch.Tensor,
                 blend: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Guided DDIM from ``latents[0]`` over the editing timesteps; ``blend(k, x)`` after each step (DiffEdit)."""
-        x = trajectory.latents[0]
-        for k, t in enumerate(trajectory.timesteps):
-            eps = self.guided_eps(denoiser, x, t, cond, self.uncond_at(trajectory, k, uncond))
-            x = trajectory.scheduler.step(eps, t, x).prev_sample
-            if blend is not None:
-                x = blend(k, x)
-        return x
+        def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
+            return self.guided_eps(denoiser, x, t, cond, self.uncond_at(trajectory, k, uncond))
+
+        return sampling.denoise(trajectory.scheduler, trajectory.latents[0], predict, timesteps=trajectory.timesteps,
+                                callback=None if blend is None else (lambda k, t, x: blend(k, x))).x
 
 
 class Reconstruction(LatentEditor):
@@ -276,10 +264,9 @@ class Reconstruction(LatentEditor):
         return self.kind
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, items=()):
-        if len(items) != len(seeds):
-            raise ValueError(f"{len(items)} edits for {len(seeds)} seeds")
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
+        items = check_edits(batch)
         z0 = self.encode_images(model, items)
         cond, uncond = self.encode_text(model, [it.source_prompt for it in items])
-        trajectory = self.invert(model, denoiser, z0, cond, uncond, steps, 1.0, self.generators(seeds))
+        trajectory = self.invert(model, denoiser, z0, cond, uncond, batch.steps, 1.0, self.generators(batch.seeds))
         return self.decode(model, self.denoise(denoiser, trajectory, cond, uncond))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+from bench.claim import Claim, text_to_image
 from bench.interfaces import MethodCard
+from bench.validate import check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
 
 
@@ -19,9 +21,7 @@ class FreeUArgs(GuidanceArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("b1", "b2", "s1", "s2"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"--{name} must be a number >= 0, got {value!r}")
+            check_option(name, getattr(self, name), 0)
 
 
 class FreeU(LatentTextToImage):
@@ -37,12 +37,22 @@ class FreeU(LatentTextToImage):
         "classifier-free guidance, as in the paper.",
         reference="SD-1.5 values b1=1.5, b2=1.6, s1=0.9, s2=0.2 (diffusers docs; the FreeU README lists values per "
         "model; verify). The paper reports preference-study gains, no FID table for SD-1.5.",
-        embedded_claim="None pinned: the embedded UNet has two up stages at 8x8 and 4x4 latents, far from the regime "
-        "FreeU was tuned for. Measured with SD-1.5's factors at s = 4 (256 samples, 3 seeds): it hurts, FID 0.860 +- "
-        "0.116 against 0.355 +- 0.065 for plain CFG, CLIP score 74.8 against 94.3, attribute accuracy 0.564 against "
-        "0.940: the factors are per-architecture (the FreeU README lists values per model).",
+        embedded_claim="FreeU with SD-1.5's factors does not hurt FID against plain CFG at s = 4 on shapes32. The "
+        "embedded "
+        "UNet has two up stages at 8x8 and 4x4 latents, far from the regime the factors were tuned for. "
+        "Decided by `bench claims --method freeu` (the verdict and the values: its latest MLflow claims run, "
+        "`bench report`).",
     )
     Args = FreeUArgs
+    claims = (
+        Claim("no-worse-than-cfg", "FreeU improves sample quality for free: with SD-1.5's factors its FID is at or "
+              "below plain CFG's at s = 4", "SD-1.5 values b1=1.5, b2=1.6, s1=0.9, s2=0.2 (diffusers docs; the "
+              "paper reports preference studies, no FID table for SD-1.5)", "fid",
+              (("freeu s=4", text_to_image("freeu", guidance=4.0, quick_seeds=(0,))),
+               ("cfg s=4", text_to_image("cfg", guidance=4.0))),
+              "at-most", margin=0.1, relative=True,
+              note="the factors are per-architecture (the FreeU README lists values per model)"),
+    )
 
     @contextlib.contextmanager
     def unet_context(self, model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
 from methods.sampling import (
     KarrasSigmasArgs,
@@ -35,9 +36,22 @@ class EulerAncestral(SchedulerSampler):
         "sigma_down and sigma_up; one NFE per step, per-sample noise from each sample's seed.",
         reference="",
         embedded_claim="At 50 steps its FID is near DDPM's at 1000 on shapes16, and worse than Euler's at 10 "
-        "(measured at 10 / 20 steps, 500 samples: 4.28 / 1.36 against Euler's 2.30 / 1.25).",
+        "steps. Decided "
+        "by `bench claims --method euler-ancestral` (the verdict and the values: its latest MLflow claims "
+        "run, `bench report`).",
     )
     Args = EulerAncestralArgs
+    claims = (
+        Claim("50-steps-near-ddpm-1000", "ancestral Euler at 50 steps is near DDPM at 1000 steps",
+              "k-diffusion (no paper table)", "fid",
+              (("euler-a 50", pixel("euler-ancestral", 50, quick_seeds=(0,))),
+               ("ddpm 1000", pixel("ddpm", 1000, quick_seeds=(0,)))), "within", margin=0.1,
+              relative=True),
+        Claim("10-steps-worse-than-euler", "at 10 steps the ancestral sampler is worse than the ODE Euler sampler",
+              "k-diffusion (no paper table)", "fid",
+              (("euler-a 10", pixel("euler-ancestral", 10, quick_seeds=(0,))),
+               ("euler 10", pixel("euler", 10, quick_seeds=(0,)))), "greater"),
+    )
     scheduler_class = "EulerAncestralDiscreteScheduler"
 
 
@@ -60,9 +74,18 @@ class LMS(SchedulerSampler):
         reproduces="k-diffusion's sample_lms: the derivative (x - D(x)) / sigma of the last `order` steps "
         "combined with Lagrange-polynomial weights integrated numerically over each sigma step; NFE = steps.",
         reference="",
-        embedded_claim="LMS at 20 steps has an FID near Euler at 50 on shapes16 (measured at 20 steps, 500 samples: 0.81 against Euler-20 1.25).",
+        embedded_claim="LMS at 20 steps has an FID near Euler at 50 on shapes16. Decided by `bench claims "
+        "--method lms` (the "
+        "verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = LMSArgs
+    claims = (
+        Claim("20-steps-near-euler-50", "LMS at 20 steps is near Euler at 50 steps",
+              "k-diffusion (no paper table)", "fid",
+              (("lms 20", pixel("lms", 20, quick_seeds=(0,))), ("euler 50", pixel("euler", 50, quick_seeds=(0,)))),
+              "within", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "LMSDiscreteScheduler"
 
     def step_kwargs(self) -> dict[str, Any]:
@@ -85,8 +108,16 @@ class KDPM2(SchedulerSampler):
         "the full step with the derivative there (DPM-Solver-2 in sigma, the second-order step of Karras et "
         "al.'s Algorithm 2); the last step to sigma 0 is Euler, so NFE = 2 * steps - 1.",
         reference="",
-        embedded_claim="KDPM2 at 10 steps (19 NFE) has an FID near Heun at 10 steps on shapes16 "
-        "(measured, 500 samples: 0.60 against Heun's 0.83, both 19 NFE).",
+        embedded_claim="KDPM2 at 10 steps (19 NFE) has an FID near Heun at 10 steps (19 NFE) on shapes16. Decided "
+        "by `bench "
+        "claims --method kdpm2` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = KDPM2Args
+    claims = (
+        Claim("near-heun-equal-nfe", "KDPM2 at 10 steps is near Heun at 10 steps (both 19 NFE)",
+              "k-diffusion (no paper table); Karras et al. 2022, Algorithm 2", "fid",
+              (("kdpm2 10", pixel("kdpm2", 10, quick_seeds=(0,))),
+               ("heun 10", pixel("heun", 10))), "within", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "KDPM2DiscreteScheduler"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
 from methods.sampling import KarrasSigmasArgs, SchedulerSampler, TimestepSpacingArgs, ZeroTerminalSNRArgs
 
@@ -30,10 +31,18 @@ class Euler(SchedulerSampler):
         reproduces="The first-order baseline of section 3: x <- x + (sigma_next - sigma) * (x - D(x)) / sigma, "
         "one NFE per step, on input scaled by 1 / sqrt(sigma^2 + 1) and initial noise of std sigma_max.",
         reference="",
-        embedded_claim="Euler needs more steps than Heun for the same FID on shapes16 at equal NFE "
-        "(measured, 500 samples: Euler 20 steps 1.25 against Heun 10 steps 0.83 at about 20 NFE: holds).",
+        embedded_claim="Euler needs more steps than Heun for the same FID: Euler at 20 steps is at or above Heun at 10 "
+        "(about 20 NFE). Decided by `bench claims --method euler` (the verdict and the values: its latest "
+        "MLflow claims run, `bench report`).",
     )
     Args = EulerArgs
+    claims = (
+        Claim("at-or-above-heun-equal-nfe",
+              "at about equal NFE Euler (20 steps) is at or above Heun (10 steps, 19 NFE)",
+              "Karras et al. 2022, Figure 2: Heun reaches a given FID with fewer NFE than Euler", "fid",
+              (("euler 20", pixel("euler", 20)), ("heun 10", pixel("heun", 10))), "at-least", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "EulerDiscreteScheduler"
 
 
@@ -54,8 +63,16 @@ class Heun(SchedulerSampler):
         "The EDM numbers need EDM's preconditioned network; here the VP model is used as a denoiser.",
         reference="CIFAR-10 FID 1.97 unconditional / 1.79 conditional at 35 NFE with the EDM model (NVlabs/edm "
         "README).",
-        embedded_claim="Heun at 18 steps (35 NFE) has an FID at or below Euler at 35 steps on shapes16 "
-        "(not measured at 18 steps; at 10 steps / 19 NFE Heun 0.83 against Euler-20 1.25).",
+        embedded_claim="Heun at 18 steps (35 NFE) has an FID at or below Euler at 35 steps on shapes16. Decided "
+        "by `bench "
+        "claims --method heun` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = HeunArgs
+    claims = (
+        Claim("at-or-below-euler-equal-nfe", "Heun at 18 steps (35 NFE) is at or below Euler at 35 steps",
+              "CIFAR-10 FID 1.97 unconditional at 35 NFE with the EDM model (NVlabs/edm README); Figure 2", "fid",
+              (("heun 18", pixel("heun", 18, quick_seeds=(0,))),
+               ("euler 35", pixel("euler", 35, quick_seeds=(0,)))), "at-most", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "HeunDiscreteScheduler"

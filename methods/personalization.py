@@ -40,13 +40,20 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
+from bench.denoiser import CountingDenoiser, sample_seed
 from bench.errors import BenchError
-from bench.finetune import Budget, BudgetMeter, diffusion_loss, encode_images, encode_prompts, sample_latents, \
-    saved_bytes, trainable_parameters, training_scheduler
-from bench.interfaces import DiffusionModel
+from bench.files import cache_dir
+from bench.finetune import (Budget, BudgetMeter, diffusion_loss, encode_images, encode_prompts, sample_latents,
+                            saved_bytes, trainable_parameters, training_scheduler)
+from bench.images import to_uint8
+from bench.interfaces import Batch, DiffusionModel
 from bench.personalization import PersonalizationSet, Subject, load_personalization_set, subject_of
+from bench.spec import stable_hash
+from bench.validate import check_bool, check_option
 from methods.text_to_image import GuidanceArgs, LatentTextToImage
+from metrics.personalization import frechet_distance, heldout_rate
 
 DRIFT_OFFSET = 1_000_000
 CLASS_IMAGE_OFFSET = 2_000_000
@@ -54,10 +61,7 @@ CLASS_BATCH = 64
 
 
 def _positive(name: str, value: Any, integer: bool = True, zero: bool = False) -> None:
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < 0 or (value == 0 and not zero):
-        raise ValueError(f"--{name.replace('_', '-')} must be a {'non-negative' if zero else 'positive'} "
-                         f"{'integer' if integer else 'number'}, got {value!r}")
+    check_option(name, value, 0, integer=integer, lo_open=not zero)
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,7 @@ class PriorArgs(PersonalizationArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.prior_preservation, bool):
-            raise ValueError(f"--prior-preservation must be true or false, got {self.prior_preservation!r}")
+        check_bool("prior_preservation", self.prior_preservation)
         _positive("prior_weight", self.prior_weight, integer=False, zero=True)
         _positive("num_class_images", self.num_class_images)
 
@@ -252,7 +255,8 @@ class PersonalizationMethod(LatentTextToImage):
         return text if subject is None else text.replace(subject.token, self.phrase(subject))
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, prompts=()):
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
+        seeds, prompts = batch.seeds, batch.prompts
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         if not self.subjects:
@@ -266,8 +270,10 @@ class PersonalizationMethod(LatentTextToImage):
         for name, idx in groups.items():
             subject = self.subjects.get(name) if name else None
             with self.activate(model, subject):
-                images = super().generate(model, [seeds[i] for i in idx], steps, denoiser,
-                                          [self._prompt_text(prompts[i], subject) for i in idx])
+                part = Batch(seeds=tuple(seeds[i] for i in idx), steps=batch.steps,
+                             indices=tuple(batch.indices[i] for i in idx),
+                             prompts=tuple(self._prompt_text(prompts[i], subject) for i in idx))
+                images = super().generate(model, part, denoiser)
             for j, i in enumerate(idx):
                 out[i] = images[j]
         return torch.stack(out)  # type: ignore[arg-type]
@@ -279,11 +285,6 @@ class PersonalizationMethod(LatentTextToImage):
         ``cached``: the untouched model's samples are a pure function of the model's digest, the prompts, the
         seeds and the sampler, so they are kept on disk under a key of all of them (a sweep makes them once).
         """
-        from bench.denoiser import CountingDenoiser, sample_seed
-        from bench.evaluation import cache_dir
-        from bench.runner import to_uint8
-        from bench.spec import stable_hash
-
         seeds = [sample_seed(spec.seed, offset + i) for i in range(n)]
         prompts = [subject.class_prompts[i % len(subject.class_prompts)] for i in range(n)]
         device = next(model.unet.parameters()).device
@@ -298,7 +299,8 @@ class PersonalizationMethod(LatentTextToImage):
                 pass
         denoiser = CountingDenoiser(model.unet, device)
         batch = CLASS_BATCH  # fixed, not the run's batch size: CPU kernels round differently by batch size
-        chunks = [LatentTextToImage.generate(self, model, seeds[a : a + batch], spec.steps, denoiser, prompts[a : a + batch])
+        chunks = [LatentTextToImage.generate(self, model, Batch(seeds=tuple(seeds[a : a + batch]), steps=spec.steps,
+                                                                prompts=tuple(prompts[a : a + batch])), denoiser)
                   for a in range(0, n, batch)]
         images = to_uint8(torch.cat(chunks))
         if cached:
@@ -311,8 +313,6 @@ class PersonalizationMethod(LatentTextToImage):
 
     def prior_drift(self, model, reference, subjects, spec, base_class, per_subject) -> dict[str, float]:
         """FID(class samples before, after) per subject in the data set's features; the mean over subjects."""
-        from metrics.personalization import frechet_distance, heldout_rate
-
         drifts, rates, base_rates = [], [], []
         for subject in subjects:
             with self.activate(model, subject):
@@ -404,7 +404,5 @@ class NewTokens:
 
     def save(self, token: str, path: Path) -> None:
         """diffusers' textual-inversion file: {token: [1, dim]} (``load_textual_inversion`` reads it)."""
-        from safetensors.torch import save_file
-
         i = self.ids[token]
         save_file({token: self.weight[i : i + 1].detach().cpu().clone().contiguous()}, str(path))

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.claim import Claim, pixel
 from bench.interfaces import MethodCard
+from bench.validate import check_bool
 from methods.sampling import SchedulerSampler, TimestepSpacingArgs
 
 
@@ -19,8 +21,7 @@ class PNDMArgs(TimestepSpacingArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.skip_prk_steps, bool):
-            raise ValueError(f"--skip-prk-steps must be true or false, got {self.skip_prk_steps!r}")
+        check_bool("skip_prk_steps", self.skip_prk_steps)
 
 
 class PNDM(SchedulerSampler):
@@ -35,9 +36,16 @@ class PNDM(SchedulerSampler):
         "steps PNDM beats 1000-step DDIM. diffusers' step assumes leading spacing (prev = t - 1000 // steps), so "
         "linspace spacing steps between mismatched timesteps, as in DDIM (diffusers issues 11347, 12633).",
         reference="CIFAR-10: 50 PNDM steps beat 1000-step DDIM (abstract); DDIM 1000 steps is FID 4.04.",
-        embedded_claim="PLMS 20 steps has an FID at or below DDIM 50 on shapes16 (measured, suites/zoo.yaml, 500 samples: 0.63 at 20 steps, 21 NFE, against DDIM-50 2.42 (1000 samples): holds).",
+        embedded_claim="PLMS at 20 steps has an FID at or below DDIM at 50 steps on shapes16. Decided by `bench claims "
+        "--method pndm` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = PNDMArgs
+    claims = (
+        Claim("20-steps-at-or-below-ddim-50", "PLMS at 20 steps is at or below DDIM at 50 steps",
+              "CIFAR-10: 50 PNDM steps beat 1000-step DDIM (abstract; DDIM 1000 is FID 4.04)", "fid",
+              (("pndm 20", pixel("pndm", 20, quick_seeds=(0,))), ("ddim 50", pixel("ddim", 50))), "at-most", margin=0.1,
+              relative=True),
+    )
     scheduler_class = "PNDMScheduler"
 
     def scheduler_overrides(self) -> dict[str, Any]:

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 
 from bench.claim import Claim
+from bench.embedded.pool import scene_pool
+from bench.embedded.t2i import T2I_SEED, WORLD
 from bench.finetune import diffusion_loss, encode_images, encode_prompts, sample_latents, training_scheduler
 from bench.interfaces import MethodCard
 from methods.alignment import BASE, AlignmentArgs, AlignmentMethod, _check, decode_uint8, heldout, image_posterior
@@ -104,9 +106,6 @@ class RewardWeighted(AlignmentMethod):
     )
 
     def train(self, model, params, gen, spec) -> int:
-        from bench.embedded.pool import scene_pool
-        from bench.embedded.t2i import T2I_SEED, WORLD
-
         args = self.args
         feedback = self.feedback(model)
         rewards = self.reward()(decode_uint8(model, feedback.latents), feedback.texts).float()

@@ -8,36 +8,19 @@ lands in) and scheduler tensors kept on the CPU.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 
+from bench import sampling
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, Method
+from bench.interfaces import Batch, DiffusionModel, Method
+from bench.sampling import SAMPLING_CHOICES, sampler_base_config  # noqa: F401  (re-exported)
+from bench.validate import check_bool, check_choice, check_option
 
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-
-# Sampling choices a model's scheduler config may carry, with DDPMScheduler's defaults for them. An explicit
-# choice (trailing spacing for a zero-terminal-SNR model, Lin et al. 2023, 3.3) is the model's own; a default is
-# not, and must not override the sampler's (diffusers drops defaults through ``_use_default_values``).
-SAMPLING_CHOICES = {"timestep_spacing": "leading"}
-
-
-def sampler_base_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's scheduler config less the sampling choices it only inherited from DDPMScheduler's defaults.
-
-    Where the config no longer lists its defaults (bench.models drops ``_use_default_values``), a choice equal to
-    DDPMScheduler's default counts as one: an explicit "leading" then yields to the sampler's own default.
-    """
-    config = dict(model_config)
-    defaults = config.pop("_use_default_values", None)
-    for key, default in SAMPLING_CHOICES.items():
-        if key in config and (key in defaults if defaults is not None else config[key] == default):
-            del config[key]
-    return config
 
 
 @dataclass(frozen=True)
@@ -64,8 +47,7 @@ class TimestepSpacingArgs(SamplerArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"--timestep-spacing must be leading, linspace or trailing, got {self.timestep_spacing!r}")
+        check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS, optional=True)
 
     def scheduler_options(self) -> dict[str, Any]:
         options = super().scheduler_options()
@@ -87,8 +69,7 @@ class ZeroTerminalSNRArgs(TimestepSpacingArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.rescale_betas_zero_snr is not None and not isinstance(self.rescale_betas_zero_snr, bool):
-            raise ValueError(f"--rescale-betas-zero-snr must be true or false, got {self.rescale_betas_zero_snr!r}")
+        check_bool("rescale_betas_zero_snr", self.rescale_betas_zero_snr, optional=True)
 
     def scheduler_options(self) -> dict[str, Any]:
         options = super().scheduler_options()
@@ -108,8 +89,7 @@ class KarrasSigmasArgs(SamplerArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.use_karras_sigmas, bool):
-            raise ValueError(f"--use-karras-sigmas must be true or false, got {self.use_karras_sigmas!r}")
+        check_bool("use_karras_sigmas", self.use_karras_sigmas)
 
     def scheduler_options(self) -> dict[str, Any]:
         return {**super().scheduler_options(), "use_karras_sigmas": self.use_karras_sigmas}
@@ -117,8 +97,7 @@ class KarrasSigmasArgs(SamplerArgs):
 
 def check_order(name: str, value: Any, low: int, high: int) -> None:
     """Raise ValueError unless ``value`` is an int in [low, high] (for ``__post_init__``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"--{name.replace('_', '-')} must be an integer from {low} to {high}, got {value!r}")
+    check_option(name, value, low, high, integer=True)
 
 
 class SchedulerSampler(Method):
@@ -135,32 +114,23 @@ class SchedulerSampler(Method):
 
     def _accepted(self) -> set[str]:
         """The config entries the scheduler class takes."""
-        import diffusers
-
-        return set(inspect.signature(getattr(diffusers, self.scheduler_class).__init__).parameters) - {"self"}
+        return sampling.accepted(self.scheduler_class)
 
     def make_scheduler(self, model: DiffusionModel):
-        import diffusers
-
-        cls = getattr(diffusers, self.scheduler_class)
         options = self.args.scheduler_options() if isinstance(self.args, SamplerArgs) else {}
-        overrides = {**options, **self.scheduler_overrides()}
-        unknown = sorted(set(overrides) - self._accepted())
-        if unknown:  # from_config would drop them with a log line: a silently ignored option
-            raise TypeError(f"method {self.name!r}: {self.scheduler_class} has no config entry {', '.join(unknown)}")
-        return cls.from_config(sampler_base_config(model.scheduler_config), **overrides)
+        return sampling.make_scheduler(model, self.scheduler_class, {**options, **self.scheduler_overrides()},
+                                       owner=self.name)
 
     def resolved_config(self, model: DiffusionModel) -> dict[str, Any]:
         """The scheduler's full config as run (recorded and hashed)."""
-        config = dict(self.make_scheduler(model).config)
-        config["_class_name"] = self.scheduler_class
-        return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_use_default_values")}
+        return sampling.resolved_config(self.make_scheduler(model), self.scheduler_class)
+
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        return {"scheduler": self.resolved_config(model)}
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
-        train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
-        if steps > train_steps:
-            raise BenchError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+        sampling.check_steps(model, steps)
         if model.scheduler_config.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in self._accepted():
             raise BenchError(
                 f"{model.name} was trained with zero terminal SNR (rescale_betas_zero_snr), which "
@@ -175,21 +145,12 @@ class SchedulerSampler(Method):
             )
 
     @torch.no_grad()
-    def generate(self, model: DiffusionModel, seeds: Sequence[int], steps: int, denoiser) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
         scheduler = self.make_scheduler(model)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        # initial noise drawn on the CPU in float32: the same noise on every device and dtype
-        x = randn_tensor((len(seeds), *model.sample_shape), generator=generators, dtype=torch.float32)
-        x = (x * scheduler.init_noise_sigma).to(param.device, param.dtype)
-        step_kwargs = dict(self.step_kwargs())
-        if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = generators
-        for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(x, t)
-            prediction = denoiser(model_input, t)
-            x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
-        return x.float()
+        gens = sampling.generators(batch.seeds)
+        x = sampling.initial_noise(gens, model.sample_shape, scheduler, param)
+        out = sampling.denoise(scheduler, x, lambda x, t, k: denoiser(scheduler.scale_model_input(x, t), t),
+                               step_kwargs=sampling.step_kwargs_for(scheduler, gens, self.step_kwargs()))
+        return out.x.float()

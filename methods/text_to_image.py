@@ -18,14 +18,14 @@ Guidance scale convention: diffusers' ``guidance_scale`` s (1 = no guidance),
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from bench.errors import BenchError
-from bench.interfaces import DiffusionModel, TextToImageMethod
+from bench import sampling
+from bench.interfaces import Batch, DiffusionModel, TextToImageMethod
+from bench.validate import check_choice, check_option
 
 SCHEDULERS = {  # --scheduler: the diffusers class configured from the model's training schedule
     "ddim": "DDIMScheduler",
@@ -41,8 +41,7 @@ class TextToImageArgs:
                                                              "model's training schedule)"})
 
     def __post_init__(self) -> None:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,7 @@ class GuidanceArgs(TextToImageArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or self.guidance < 0:
-            raise ValueError(f"--guidance must be a number >= 0, got {self.guidance!r}")
+        check_option("guidance", self.guidance, 0)
 
 
 class LatentTextToImage(TextToImageMethod):
@@ -66,8 +64,8 @@ class LatentTextToImage(TextToImageMethod):
         return float(getattr(self.args, "guidance", 1.0))
 
     def combine(self, eps_uncond: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance (Ho and Salimans 2022, eq. 6 with s = 1 + w)."""
-        return eps_uncond + self.guidance_scale() * (eps_cond - eps_uncond)
+        """Classifier-free guidance (Ho and Salimans 2022, eq. 6 with s = 1 + w), by ``bench.sampling.guide``."""
+        return sampling.guide(eps_uncond, eps_cond, self.guidance_scale())
 
     def unet_context(self, model: DiffusionModel) -> contextlib.AbstractContextManager:
         """Changes to the UNet for the duration of sampling (FreeU); none by default."""
@@ -75,22 +73,18 @@ class LatentTextToImage(TextToImageMethod):
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     def make_scheduler(self, model: DiffusionModel):
-        import diffusers
-
-        cls = getattr(diffusers, SCHEDULERS[self.args.scheduler])
-        config = {k: v for k, v in model.scheduler_config.items() if not k.startswith("_")}
-        return cls.from_config(config)
+        # the model's config as saved (as its pipeline loads it), not the samplers' sampler_base_config
+        return sampling.make_scheduler(model, SCHEDULERS[self.args.scheduler], sampler_defaults=False, owner=self.name)
 
     def resolved_config(self, model: DiffusionModel) -> dict[str, Any]:
-        config = dict(self.make_scheduler(model).config)
-        config["_class_name"] = SCHEDULERS[self.args.scheduler]
-        return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_use_default_values")}
+        return sampling.resolved_config(self.make_scheduler(model), SCHEDULERS[self.args.scheduler])
+
+    def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        return {"scheduler": self.resolved_config(model)}
 
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
-        train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
-        if steps > train_steps:
-            raise BenchError(f"--steps {steps} exceeds the model's {train_steps} training timesteps")
+        sampling.check_steps(model, steps)
 
     def encode(self, model: DiffusionModel, prompts: Sequence[str], guided: bool, device) -> torch.Tensor:
         """[uncond; cond] text embeddings (cond only when unguided), by the pipeline's own ``encode_prompt``."""
@@ -98,28 +92,23 @@ class LatentTextToImage(TextToImageMethod):
         return torch.cat([uncond, cond]) if guided else cond
 
     @torch.no_grad()
-    def generate(self, model, seeds, steps, denoiser, prompts=()):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
+    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
+        if len(batch.prompts) != len(batch):
+            raise ValueError(f"{len(batch.prompts)} prompts for {len(batch)} seeds")
         scheduler = self.make_scheduler(model)
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())
         guided = self.guidance_scale() != 1.0
-        context = self.encode(model, prompts, guided, param.device).to(param.dtype)
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        # initial noise drawn on the CPU in float32: the same noise on every device and dtype
-        x = randn_tensor((len(seeds), *model.latent_shape), generator=generators, dtype=torch.float32)
-        x = (x * scheduler.init_noise_sigma).to(param.device, param.dtype)
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        context = self.encode(model, batch.prompts, guided, param.device).to(param.dtype)
+        gens = sampling.generators(batch.seeds)
+        x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
+
+        def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
+            x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+            eps = denoiser(x_in, t, encoder_hidden_states=context)
+            return self.combine(*eps.chunk(2)) if guided else eps
+
         with self.unet_context(model):
-            for t in scheduler.timesteps:
-                x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-                eps = denoiser(x_in, t, encoder_hidden_states=context)
-                if guided:
-                    eps_uncond, eps_cond = eps.chunk(2)
-                    eps = self.combine(eps_uncond, eps_cond)
-                x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            x = sampling.denoise(scheduler, x, predict, step_kwargs=sampling.step_kwargs_for(scheduler, gens)).x
         images = model.vae.decode(x / model.vae.config.scaling_factor).sample
         return images.float().clamp(-1, 1)

@@ -16,8 +16,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from bench.embedded.feature_extractor import WEIGHTS_DIR, load_network
+from bench.embedded.feature_net import to_input
+from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, BACKGROUNDS, SIZES
 from bench.errors import BenchError
+from bench.extractors import shapes_digest
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
 
@@ -30,18 +35,12 @@ BATCH = 500
 
 
 def network_folder(reference: ReferenceSet):
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR
-
     return WEIGHTS_DIR.parent / NETWORKS[reference.feature_extractor]
 
 
 @torch.no_grad()
 def predict(net, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
     """Argmax of every attribute head: uint8 [N, 3, H, W] -> {head: int array [N]}."""
-    import torch.nn.functional as F
-
-    from bench.embedded.feature_net import to_input
-
     out: dict[str, list[np.ndarray]] = {k: [] for k in net.heads}
     r = net.resolution
     for a in range(0, len(images_uint8), BATCH):
@@ -56,8 +55,6 @@ def predict(net, images_uint8: torch.Tensor) -> dict[str, np.ndarray]:
 
 def score(predicted: Mapping[str, np.ndarray], targets: Sequence[Mapping[str, Any] | None]) -> dict[str, float]:
     """Per-attribute accuracy over every target that names the attribute, and the all-correct fraction."""
-    from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, BACKGROUNDS, SIZES
-
     tables = {"shape": list(ALL_SHAPES), "color": list(ALL_COLORS), "size": list(SIZES)}
     hits: dict[str, list[bool]] = {k: [] for k in REPORTED}
     all_right = []
@@ -111,9 +108,7 @@ class AttributeAccuracy(Metric):
         self._digest(reference)
 
     def _digest(self, reference: ReferenceSet) -> str:
-        from metrics.fidelity import _shapes_digest
-
-        return _shapes_digest(NETWORKS[reference.feature_extractor])
+        return shapes_digest(NETWORKS[reference.feature_extractor])
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         return {
@@ -127,8 +122,6 @@ class AttributeAccuracy(Metric):
         }
 
     def compute(self, ctx) -> dict[str, float]:
-        from metrics.feature_extractor_shapes import load_network
-
         if ctx.targets is None:
             raise BenchError("attribute-accuracy: this run has no per-sample targets (prompts with attributes)")
         net = load_network(network_folder(ctx.reference))

@@ -36,13 +36,20 @@ import functools
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+import lpips
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchvision import transforms
 
+from bench.clip import clip_scores, load_clip, preflight
+from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 from bench.errors import BenchError
+from bench.files import file_digest
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
+from metrics.clip_score import CLIPScore
 
 PSNR_MSE_FLOOR = 1e-10  # identical images: PSNR 100 dB rather than infinity
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K = 11, 1.5, (0.01, 0.03)
@@ -71,8 +78,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     torchmetrics clamps negative variances to 0, and float32 round-off in flat regions (the embedded world's
     backgrounds, the masked-out region) would otherwise move SSIM by ~1e-4.
     """
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
     _, full = structural_similarity_index_measure(
         a.double(), b.double(), gaussian_kernel=True, sigma=SSIM_SIGMA, kernel_size=SSIM_WINDOW, data_range=1.0,
         k1=SSIM_K[0], k2=SSIM_K[1], reduction="none", return_full_image=True)
@@ -82,8 +87,6 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def lpips_from_features(fa: Sequence[torch.Tensor], fb: Sequence[torch.Tensor]) -> torch.Tensor:
     """LPIPS without learned weights (lpips' ``lpips=False``): unit-normalized channels, summed over layers."""
-    import lpips
-
     total = 0
     for x, y in zip(fa, fb):
         d = (lpips.normalize_tensor(x) - lpips.normalize_tensor(y)) ** 2
@@ -105,14 +108,10 @@ def structure_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
 # -- backbones ----------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _feature_net(folder: str):
-    from metrics.feature_extractor_shapes import load_network
-
     return load_network(Path(folder))
 
 
 def feature_net_folder() -> Path:
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32
-
     return WEIGHTS_DIR32
 
 
@@ -142,8 +141,6 @@ class Backbones:
         return f"structure_dist_{EMBEDDED_NET}" if self.embedded else "structure_distance"
 
     def lpips_protocol(self) -> dict[str, Any]:
-        from bench.models import file_digest
-
         if self.embedded:
             return {"name": "lpips-shapes", "network": "shapes-cnn32 (feature-net32), its five conv layers",
                     "weights": file_digest([feature_net_folder() / "model.safetensors"]),
@@ -153,8 +150,6 @@ class Backbones:
                 "inputs": "[-1, 1]", "weights": ALEXNET_FILE}
 
     def structure_protocol(self) -> dict[str, Any]:
-        from bench.models import file_digest
-
         if self.embedded:
             return {"name": "structure-shapes", "network": "shapes-cnn32, conv block 3 (64 channels, 8x8 tokens)",
                     "weights": file_digest([feature_net_folder() / "model.safetensors"]),
@@ -180,8 +175,6 @@ class Backbones:
 
     @functools.cached_property
     def _alex(self):
-        import lpips
-
         self.preflight_lpips()
         return lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
 
@@ -208,8 +201,6 @@ class Backbones:
 
     def _dino_keys(self, image01: torch.Tensor) -> torch.Tensor:
         """[1, T, D]: block 11's keys of DINO ViT-B/8, heads concatenated (PIE-Bench's VitExtractor)."""
-        from torchvision import transforms
-
         model, out = self._dino, []
         x = transforms.Resize(224, max_size=480)(image01 * 255)  # PIE-Bench feeds 0..255 floats
         x = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(x)
@@ -345,18 +336,12 @@ class EditCLIP(EditMetric):
     needs_prompts = True
 
     def check(self, spec, reference):
-        from metrics.clip_score import preflight
-
         preflight(reference.clip_backbone)
 
     def protocol(self, spec, reference):
-        from metrics.clip_score import CLIPScore
-
         return {**CLIPScore().protocol(spec, reference), "edited_region": "uint8 image times the mask (PIE-Bench)"}
 
     def per_edit(self, ctx, backbones):
-        from metrics.clip_score import clip_scores, load_clip
-
         model, preprocess = load_clip(ctx.reference.clip_backbone, ctx.device)
         prompts = [it.target_prompt for it in ctx.items]
         masks = _masks(ctx.items)

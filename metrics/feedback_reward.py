@@ -23,9 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from bench.alignment import FeedbackReward, feedback_hits
+from bench.embedded.feature_extractor import load_network
+from bench.embedded.feedback import JUDGED, MIN_ALPHA, MIN_AREA, judge
 from bench.errors import BenchError
+from bench.extractors import shapes_digest
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
+from metrics.attribute_accuracy import network_folder, predict
 
 KEY_REWARD = "reward"
 KEY_HUMAN = "human_approval"
@@ -50,14 +55,10 @@ class FeedbackRewardMetric(Metric):
         if reference.feature_extractor != "shapes-cnn32":
             raise BenchError(f"feedback-reward scores the embedded text-to-image world (shapes32 data sets), not "
                              f"{reference.name}")
-        from bench.alignment import FeedbackReward
 
         FeedbackReward()  # missing weights: one line before any sampling
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
-        from bench.alignment import FeedbackReward
-        from bench.embedded.feedback import JUDGED, MIN_ALPHA, MIN_AREA
-
         return {
             "reward_model": FeedbackReward().identity(),
             "human": {"judge": "bench.embedded.feedback.judge (pixels and the renderer's palette, no network)",
@@ -68,11 +69,6 @@ class FeedbackRewardMetric(Metric):
         }
 
     def compute(self, ctx) -> dict[str, float]:
-        from bench.alignment import FeedbackReward, feedback_hits
-        from bench.embedded.feedback import JUDGED, judge
-        from metrics.attribute_accuracy import network_folder, predict
-        from metrics.feature_extractor_shapes import load_network
-
         if not ctx.prompts or ctx.targets is None:
             raise BenchError("feedback-reward: this run has no prompts with targets")
         from metrics.attribute_accuracy import BATCH
@@ -93,6 +89,4 @@ class FeedbackRewardMetric(Metric):
 
 
 def _digest() -> str:
-    from metrics.fidelity import _shapes_digest
-
-    return _shapes_digest("feature-net32")
+    return shapes_digest("feature-net32")

@@ -9,11 +9,13 @@ the eigenvalues of S1 S2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from bench.errors import BenchError
+from bench.extractors import extractor_for
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
 
@@ -22,70 +24,6 @@ KEY_KID_MEAN = "kid_mean"
 KEY_KID_STD = "kid_std"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE_MAX = 1000
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
-
-
-@dataclass(frozen=True)
-class ExtractorInfo:
-    name: str
-    layer: str
-    dim: int
-    digest: Callable[[], str]
-    preflight: Callable[[], None]
-    resize: str
-
-
-def _shapes_digest(folder: str = "feature-net") -> str:
-    from bench.models import file_digest
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR
-
-    path = WEIGHTS_DIR.parent / folder / "model.safetensors"
-    if not path.exists():
-        raise BenchError(f"the embedded feature network is missing ({path}); rebuild it with `bench embedded train {folder}`")
-    return file_digest([path, path.with_name("config.json")])  # the config holds the feature scale
-
-
-def _inception_path() -> Path:
-    import torch
-
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
-
-
-def _inception_preflight() -> None:
-    import os
-
-    path = _inception_path()
-    if not path.exists() and os.environ.get("DIFFBENCH_ALLOW_DOWNLOADS") != "1":
-        raise BenchError(
-            f"torch-fidelity's InceptionV3 weights are not at {path}: download {INCEPTION_WEIGHTS} from "
-            f"torch-fidelity's v0.2.0 release into {path.parent} (or set DIFFBENCH_ALLOW_DOWNLOADS=1 where online)"
-        )
-
-
-EXTRACTORS: dict[str, ExtractorInfo] = {
-    "shapes-cnn16": ExtractorInfo(
-        "shapes-cnn16", "embedding", 64, _shapes_digest, lambda: None, "bilinear-antialias to 16x16 if needed"
-    ),
-    "shapes-cnn32": ExtractorInfo(
-        "shapes-cnn32", "embedding", 64, lambda: _shapes_digest("feature-net32"), lambda: None,
-        "bilinear-antialias to 32x32 if needed",
-    ),
-    "inception-v3-compat": ExtractorInfo(
-        "inception-v3-compat", "2048", 2048, lambda: INCEPTION_WEIGHTS, _inception_preflight, "torch-fidelity legacy TF bilinear to 299"
-    ),
-}
-
-
-def ensure_registered() -> None:
-    from metrics.feature_extractor_shapes import register
-
-    register()
-
-
-def extractor_for(reference: ReferenceSet) -> ExtractorInfo:
-    return EXTRACTORS[reference.feature_extractor]
-
-
 class FeatureMetric(Metric):
     """Shared protocol of the metrics computed on the data set's feature extractor."""
 
@@ -126,8 +64,6 @@ class FID(FeatureMetric):
             )
 
     def compute(self, ctx) -> dict[str, float]:
-        from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-
         info = extractor_for(ctx.reference)
         gen = ctx.sample_features(info.name, info.layer)
         ref = ctx.reference_features(info.name, info.layer, info.digest())
@@ -162,8 +98,6 @@ class KID(FeatureMetric):
             raise BenchError(f"KID needs at least 4 samples (two subsets of two); got --num-samples {spec.num_samples}")
 
     def compute(self, ctx) -> dict[str, float]:
-        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
         info = extractor_for(ctx.reference)
         gen = ctx.sample_features(info.name, info.layer)
         ref = ctx.reference_features(info.name, info.layer, info.digest())

@@ -19,6 +19,7 @@ import numpy as np
 
 from bench.interfaces import Metric
 from bench.outputs import Output
+from bench.runtime import non_default
 
 
 def timed_batches(n_batches: int, warmup: int) -> range:
@@ -52,8 +53,6 @@ class Latency(Metric):
     )
 
     def protocol(self, spec, reference) -> dict[str, Any]:
-        from bench.runtime import non_default
-
         return {
             "batch_size": spec.batch_size,
             "warmup_batches": spec.warmup_batches,

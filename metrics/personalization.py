@@ -30,10 +30,25 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from transformers import AutoImageProcessor, ViTModel
 
+from bench.clip import EMBEDDED_BACKBONE, load_clip, preflight, weights_digest
+from bench.embedded.eval_clip import import_clip
+from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
+from bench.embedded.feature_net import to_input
+from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, HELDOUT_COLORS, HELDOUT_SHAPES
 from bench.errors import BenchError
+from bench.evaluation import UInt8Images
+from bench.extractors import EXTRACTORS, ensure_registered, shapes_digest
 from bench.interfaces import Metric, ReferenceSet
+from bench.models import resolve_folder
 from bench.outputs import Output
+from bench.personalization import PersonalizationSet
+from metrics.attribute_accuracy import predict
+from metrics.attribute_accuracy import BATCH as NET_BATCH
 
 DINO_HUB_ID = "facebook/dino-vits16"
 EMBEDDED_DINO = "shapes-cnn32"
@@ -42,16 +57,12 @@ BATCH = 256
 
 
 def _subjects_by_name(reference: ReferenceSet) -> dict[str, Any]:
-    from bench.personalization import PersonalizationSet
-
     if not isinstance(reference, PersonalizationSet):
         raise BenchError(f"data set {reference.name} is not a personalization data set (use embedded-concepts or dreambench)")
     return {s.name: s for s in reference.subjects()}
 
 
 def _check_personalization(name: str, reference: ReferenceSet) -> None:
-    from bench.personalization import PersonalizationSet
-
     if not isinstance(reference, PersonalizationSet):
         raise BenchError(f"metric {name} needs a personalization data set (subjects with images), not {reference.name}")
 
@@ -107,10 +118,6 @@ def subject_fidelity(embed, samples: torch.Tensor, subject_of_sample: Sequence[s
 
 # -- CLIP ---------------------------------------------------------------------------------------------------------------
 def clip_image_embedder(backbone: str, device: torch.device):
-    from PIL import Image
-
-    from metrics.clip_score import load_clip
-
     model, preprocess = load_clip(backbone, device)
 
     @torch.no_grad()
@@ -131,14 +138,10 @@ class _CLIPMetric(Metric):
     needs_targets = True
 
     def check(self, spec, reference: ReferenceSet) -> None:
-        from metrics.clip_score import preflight
-
         _check_personalization(self.name, reference)
         preflight(reference.clip_backbone)
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
-        from metrics.clip_score import EMBEDDED_BACKBONE, weights_digest
-
         return {"backbone": reference.clip_backbone, "embedded": reference.clip_backbone == EMBEDDED_BACKBONE,
                 "weights": weights_digest(reference.clip_backbone), "scale": "raw cosine (DreamBench)",
                 "preprocessing": "clip.load's transform", "formula": self.formula, "subjects": reference.identity()}
@@ -166,8 +169,6 @@ class CLIPT(_CLIPMetric):
     formula = "mean over samples of cos(E_img(generated), E_txt(prompt with the class noun for the subject))"
 
     def compute(self, ctx) -> dict[str, float]:
-        from bench.embedded.eval_clip import import_clip
-
         model, embed = clip_image_embedder(ctx.reference.clip_backbone, ctx.device)
         texts = [t.get("clip_t_text") if t else None for t in ctx.targets or [None] * ctx.num_samples]
         keep = [i for i, t in enumerate(texts) if t]
@@ -192,11 +193,6 @@ def dino_backbone(reference: ReferenceSet) -> str:
 def dino_embedder(backbone: str, device: torch.device):
     """uint8 [N, 3, H, W] -> embeddings: the feature network's (embedded) or DINO ViT-S/16's [CLS] token."""
     if backbone == EMBEDDED_DINO:
-        from metrics.attribute_accuracy import BATCH as NET_BATCH
-        from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
-
-        from bench.embedded.feature_net import to_input
-
         net = load_network(WEIGHTS_DIR32).to(device)
 
         @torch.no_grad()
@@ -206,12 +202,9 @@ def dino_embedder(backbone: str, device: torch.device):
 
         embed.batch = NET_BATCH
         return embed
-    from bench.models import resolve_folder
 
     folder = resolve_folder(backbone)
     try:
-        from transformers import AutoImageProcessor, ViTModel
-
         processor = AutoImageProcessor.from_pretrained(folder)
         model = ViTModel.from_pretrained(folder, add_pooling_layer=False).to(device).eval()
     except Exception as exc:
@@ -245,20 +238,14 @@ class DINO(Metric):
     def check(self, spec, reference: ReferenceSet) -> None:
         _check_personalization(self.name, reference)
         if reference.embedded:
-            from metrics.fidelity import _shapes_digest
-
-            _shapes_digest("feature-net32")
+            shapes_digest("feature-net32")
         else:  # before any sampling: DINO must be in the local Hugging Face cache (one line on what to download)
-            from bench.models import resolve_folder
-
             resolve_folder(DINO_HUB_ID)
 
     def protocol(self, spec, reference: ReferenceSet) -> dict[str, Any]:
         backbone = dino_backbone(reference)
         if backbone == EMBEDDED_DINO:
-            from metrics.fidelity import _shapes_digest
-
-            what = {"weights": _shapes_digest("feature-net32"),
+            what = {"weights": shapes_digest("feature-net32"),
                     "embedding": "shapes-cnn32 64-d embedding (supervised on the renderer's attributes): DINO-style"}
         else:
             what = {"embedding": "DINO ViT-S/16 [CLS] token of the last layer (transformers ViTModel)",
@@ -276,12 +263,6 @@ class DINO(Metric):
 # -- prior drift (used by the methods' prepare) ---------------------------------------------------------------------------
 def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, extractor: str) -> float:
     """FID between two uint8 image sets [N, 3, H, W] in a torch-fidelity feature extractor's features."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
-
-    from bench.evaluation import UInt8Images
-    from metrics.fidelity import EXTRACTORS, ensure_registered
-
     info = EXTRACTORS[extractor]
     if min(len(images_a), len(images_b)) < 2 * info.dim:
         raise BenchError(f"prior drift: FID on {info.dim}-d {extractor} features needs at least {2 * info.dim} "
@@ -302,10 +283,6 @@ def heldout_rate(images_uint8: torch.Tensor, subject_truth: dict | None) -> floa
     Class prompts never ask for them: an untouched model almost never draws them, a model whose class
     noun has drifted to the subject does. NaN when the subject has no held-out attribute.
     """
-    from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, HELDOUT_COLORS, HELDOUT_SHAPES
-    from metrics.attribute_accuracy import predict
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
-
     obj = (subject_truth or {}).get("objects", [{}])[0]
     checks = []
     if obj.get("shape") in HELDOUT_SHAPES:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
+from bench.interfaces import Batch
 from bench.spec import RunSpec
 from tests.tiny_t2i import save_tiny_t2i
 
@@ -183,11 +184,11 @@ def test_zero_steps_leave_the_model_and_its_samples_untouched(tiny_dir, tmp_path
 
     model = tiny_model(tiny_dir)
     prompts = ["a red circle on a black background", "a blue square and a green circle on a white background"]
-    base = method("cfg", guidance=7.5).generate(model, [1, 2], 3, CountingDenoiser(model.unet, torch.device("cpu")), prompts)
+    base = method("cfg", guidance=7.5).generate(model, Batch((1, 2), 3, prompts=prompts), CountingDenoiser(model.unet, torch.device("cpu")))
     m = method("reward-weighted", reward="clip:shapes-clip", train_steps=0)
     values = m.prepare(model, RunSpec(seed=0), tmp_path)
     assert values["train_steps"] == 0
-    out = m.generate(model, [1, 2], 3, CountingDenoiser(model.unet, torch.device("cpu")), prompts)
+    out = m.generate(model, Batch((1, 2), 3, prompts=prompts), CountingDenoiser(model.unet, torch.device("cpu")))
     assert torch.equal(out, base)
 
 
@@ -363,14 +364,15 @@ def heldout_accuracy(model, m, n=CLAIM_SAMPLES, steps=20):
     (count, colors, background: ``feedback_accuracy``) and every attribute (shape too: ``attr_acc_all``)."""
     from bench.alignment import HeldoutPrompts, feedback_hits
     from bench.denoiser import CountingDenoiser, sample_seed
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     prompts = HeldoutPrompts().prompts(n)
     seeds = [sample_seed(0, i) for i in range(n)]
-    images = torch.cat([m.generate(model, seeds[a : a + 128], steps, CountingDenoiser(model.unet, torch.device("cpu")),
-                                   [p.text for p in prompts[a : a + 128]]) for a in range(0, n, 128)])
+    images = torch.cat([m.generate(model, Batch(tuple(seeds[a : a + 128]), steps,
+                                         prompts=tuple(p.text for p in prompts[a : a + 128])),
+                                   CountingDenoiser(model.unet, torch.device("cpu"))) for a in range(0, n, 128)])
     u8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
     predicted = predict(load_network(WEIGHTS_DIR32), u8)
     targets = [p.attributes for p in prompts]

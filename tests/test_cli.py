@@ -84,7 +84,7 @@ BAD_INPUTS = [
     (["--steps", "abc"], "positive integer"),
     (["--num-samples", "50"], "at least 128 samples"),
     (["--steps", "2000"], "exceeds the model's 1000 training timesteps"),
-    (["--eta", "3"], "eta must be in"),
+    (["--eta", "3"], "eta must be a finite number in"),
     (["--output", "/proc/diffbench-cannot-write"], "not writable"),
     (["--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
     (["--dataset", "cifar10"], "InceptionV3 weights are not at"),

@@ -40,10 +40,11 @@ def test_state_dict_builds_through_clip_load(tiny_clip_file, tmp_path):
 
 
 def test_clip_score_equals_a_direct_computation(tiny_clip_file, monkeypatch):
+    import bench.clip
     import metrics.clip_score as cs
     from bench.datasets import Shapes32
 
-    monkeypatch.setattr(cs, "embedded_weights", lambda: tiny_clip_file)
+    monkeypatch.setattr(bench.clip, "embedded_weights", lambda: tiny_clip_file)
     gen = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=gen)
     ctx = EvalContext(RunSpec(num_samples=3), images, Shapes32(), torch.device("cpu"), prompts=PROMPTS)
@@ -62,7 +63,7 @@ def test_clip_score_equals_a_direct_computation(tiny_clip_file, monkeypatch):
 
 
 def test_real_backbone_offline_is_one_line(monkeypatch, tmp_path):
-    from metrics.clip_score import preflight
+    from bench.clip import preflight
 
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(BenchError, match=r"ViT-B-32\.pt") as info:
@@ -94,7 +95,7 @@ def test_attribute_accuracy_of_rendered_scenes_is_high_and_of_wrong_targets_low(
     from bench.datasets import Shapes32
     from bench.embedded.shapes import render_set
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     shapes = Shapes32()
     prompts = shapes.prompts(200)
@@ -110,7 +111,7 @@ def test_committed_evaluation_clip_loads_through_clip_load_and_reads_its_world(t
     import json
 
     from bench.embedded.shapes import WorldConfig, render_set
-    from metrics.clip_score import clip_scores, embedded_weights
+    from bench.clip import clip_scores, embedded_weights
 
     clip = import_clip()
     model, preprocess = clip.load(str(export_for_clip_load(embedded_weights(), tmp_path / "shapes-clip.pt")),

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.denoiser import CountingDenoiser, sample_seed
 from bench.editing import EDIT_TYPES, EmbeddedEdits, PIEBench, embedded_edit, rle_decode, rle_encode
 from bench.embedded.shapes import render
@@ -30,7 +32,7 @@ def method(name, **args):
 def edit(model, m, items, steps, seeds=None):
     seeds = seeds or [sample_seed(0, i) for i in range(len(items))]
     denoiser = CountingDenoiser(model.unet, torch.device("cpu"))
-    return m.generate(model, seeds, steps, denoiser, items=list(items)), denoiser
+    return m.generate(model, Batch(tuple(seeds), steps, edits=tuple(items)), denoiser), denoiser
 
 
 # -- the data sets -------------------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ def claim_items():
 
 def scores(images, items):
     from bench.evaluation import EvalContext
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.editing import EditBackground, EditCLIP, ReconstructionError
 
     samples = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).contiguous()

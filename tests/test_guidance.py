@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.denoiser import CountingDenoiser
 from bench.errors import BenchError
 from bench.models import EMBEDDED_WEIGHTS, load_model
@@ -34,7 +36,7 @@ def method(name, **args):
 
 def generate(model, m, seeds=SEEDS, prompts=PROMPTS, steps=4):
     denoiser = CountingDenoiser(model.unet, torch.device("cpu"))
-    return m.generate(model, seeds, steps, denoiser, list(prompts)), denoiser
+    return m.generate(model, Batch(tuple(seeds), steps, prompts=tuple(prompts)), denoiser), denoiser
 
 
 def pipeline_images(model, m, steps=4, **call):
@@ -174,9 +176,9 @@ NEEDED = [EMBEDDED_WEIGHTS / "pixel-ddpm" / "unet", EMBEDDED_WEIGHTS / "noisy-cl
 @pytest.mark.skipif(not all(p.exists() for p in NEEDED), reason="embedded pixel DDPM or noisy classifier not trained")
 def test_classifier_guidance_moves_attribute_accuracy_towards_the_requested_color():
     from bench.datasets import Shapes16
-    from bench.runner import to_uint8
+    from bench.images import to_uint8
     from metrics.attribute_accuracy import predict, score
-    from metrics.feature_extractor_shapes import load_network
+    from bench.embedded.feature_extractor import load_network
 
     model = load_model("embedded-ddpm")
     net = load_network()
@@ -185,7 +187,7 @@ def test_classifier_guidance_moves_attribute_accuracy_towards_the_requested_colo
     for scale in (0.0, 4.0):
         m = method("classifier-guidance", target_color="red", classifier_scale=scale)
         m.check(model, 20)
-        images = m.generate(model, seeds, 20, CountingDenoiser(model.unet, torch.device("cpu")))
+        images = m.generate(model, Batch(tuple(seeds), 20), CountingDenoiser(model.unet, torch.device("cpu")))
         uint8 = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2)
         shares[scale] = score(predict(net, uint8), m.targets(len(seeds)))["attr_acc_color"]
     assert shares[0.0] < 0.4, shares  # about 1/6 of unguided samples are red

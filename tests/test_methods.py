@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.denoiser import CountingDenoiser, sample_seed
 from bench.errors import BenchError
 from methods.ddim import DDIM
@@ -11,7 +13,7 @@ from methods.ddpm import DDPM
 
 def generate(method, model, seeds, steps):
     denoiser = CountingDenoiser(model.unet, torch.device("cpu"))
-    out = method.generate(model, seeds, steps, denoiser)
+    out = method.generate(model, Batch(tuple(seeds), steps), denoiser)
     return out, denoiser
 
 
@@ -48,7 +50,7 @@ def test_ddpm_variance_override_reaches_the_scheduler(tiny_model):
 
 
 @pytest.mark.parametrize("cls, values, message", [
-    (DDIM, {"eta": 1.5}, "eta must be in"),
+    (DDIM, {"eta": 1.5}, r"eta must be a finite number in \[0.0, 1.0\]"),
     (DDIM, {"timestep_spacing": "sideways"}, "timestep-spacing"),
     (DDIM, {"etta": 0.1}, "has no option etta"),
     (DDPM, {"variance_type": "learned"}, "variance-type"),

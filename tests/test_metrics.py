@@ -9,7 +9,8 @@ from bench.datasets import Shapes16
 from bench.errors import BenchError
 from bench.evaluation import EvalContext, SamplingTimings
 from bench.spec import RunSpec
-from metrics.fidelity import FID, KID, extractor_for, kid_subset_size
+from bench.extractors import extractor_for
+from metrics.fidelity import FID, KID, kid_subset_size
 from metrics.latency import Latency, timed_batches
 
 
@@ -51,7 +52,7 @@ def test_fid_of_a_set_against_itself_is_zero(context):
 
 
 def test_reference_features_are_cached_on_disk(context, tmp_path, monkeypatch):
-    from bench.evaluation import cache_dir
+    from bench.files import cache_dir
 
     files = list((cache_dir() / "reference-features").glob("shapes16-shapes-cnn16-*.safetensors"))
     assert len(files) == 1
@@ -63,7 +64,7 @@ def test_reference_features_are_cached_on_disk(context, tmp_path, monkeypatch):
 
 
 def test_damaged_cache_entry_is_recomputed(context):
-    from bench.evaluation import cache_dir
+    from bench.files import cache_dir
 
     path = next((cache_dir() / "reference-features").glob("shapes16-*.safetensors"))
     good = path.read_bytes()

@@ -74,7 +74,7 @@ def warm_reference_features() -> None:
     from bench.catalog import DATASETS
     from bench.evaluation import EvalContext
     from bench.spec import RunSpec
-    from metrics.fidelity import extractor_for
+    from bench.extractors import extractor_for
 
     reference = DATASETS.get("shapes16")()
     info = extractor_for(reference)

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.interfaces import Batch
+
 from bench.errors import BenchError
 from bench.spec import RunSpec
 from tests.tiny_t2i import save_tiny_t2i
@@ -40,7 +42,7 @@ def module_of(name: str):
 def generate(m, model, prompts, seeds, steps=4):
     from bench.denoiser import CountingDenoiser
 
-    return m.generate(model, seeds, steps, CountingDenoiser(model.unet, torch.device("cpu")), prompts)
+    return m.generate(model, Batch(tuple(seeds), steps, prompts=tuple(prompts)), CountingDenoiser(model.unet, torch.device("cpu")))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +90,7 @@ def test_dreambench_missing_or_broken_is_one_line(tmp_path):
 def test_embedded_concepts_show_the_held_out_values():
     from bench.personalization import EmbeddedConcepts
     from metrics.attribute_accuracy import predict
-    from metrics.feature_extractor_shapes import WEIGHTS_DIR32, load_network
+    from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 
     ds = EmbeddedConcepts()
     diamond, orange = ds.subjects()

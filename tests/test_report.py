@@ -135,23 +135,26 @@ def test_markdown_report_writes_its_images(world, capsys, tmp_path):
     assert "<script>" not in md and "run &lt;script&gt;alert" in md
 
 
-def test_claims_pass_fail_and_not_measured(tmp_path):
-    from bench.leaderboard import Selection, fetch_runs
-    from bench.report import CLAIMS, Claim, Pick, judge_claims
+def test_claims_table_is_the_newest_claims_runs_verdicts(tmp_path):
+    """The report's claims come from `bench claims` (bench.claims): the newest claims run's table, per method."""
+    import pandas as pd
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    for seed, (fid50, fid5) in enumerate([(10.0, 40.0), (11.0, 42.0)]):
-        make_run(client, steps=50, seed=seed, fid=fid50)
-        make_run(client, steps=5, seed=seed, fid=fid5)
-    make_run(client, method="ddpm", steps=1000, fid=30.0, args={"variance_type": None})
-    runs = fetch_runs(uri, Selection())
-    results = {(r.claim.method, r.claim.subject.steps): r for r in judge_claims(runs, CLAIMS)}
-    assert results[("ddim", 50)].verdict == "pass"  # 10.5 is clearly below 41
-    assert results[("ddpm", 1000)].verdict == "fail"  # 30 is not near 10.5
-    assert results[("pndm", 20)].verdict == "not measured"
-    assert "10.500 +-" in results[("ddim", 50)].measured()
-    near = judge_claims(runs, [Claim("x", Pick("ddim", 50), "near", Pick("ddim", 50, {"eta": 1.0}))])
-    assert near[0].verdict == "not measured"  # eta=1 was never run
-    within_noise = judge_claims(runs, [Claim("x", Pick("ddim", 5), "at_or_below", Pick("ddim", 50))])
-    assert within_noise[0].verdict == "fail"
+    from bench.claim import Claim, pixel
+    from bench.claims import ClaimRef, Execution, judge, latest_verdicts, plan_claims, record
+    from bench.report import method_cards
+    from bench.tracking import Tracker
+
+    claim = Claim("x", "more steps, lower FID", "Table 1", "fid", (("50", pixel("ddim", 50)), ("5", pixel("ddim", 5))))
+    plan = plan_claims([ClaimRef("ddim", claim)], quick=True, method_class=lambda name: None)
+    keys = [k for arm in plan.arms["ddim/x"] for _, k in arm]
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "claims-report")
+    assert latest_verdicts(tracker) is None
+    for fid50 in (1.0, 9.0):  # two claims runs: the newest one counts
+        verdicts = judge(plan, {k: {"fid": fid50 if i < 2 else 5.0 + i} for i, k in enumerate(keys)})
+        record(verdicts, tracker, plan, Execution(), tmp_path / "claims")
+    rows, run = latest_verdicts(tracker, None)
+    cards = method_cards(pd.DataFrame({"method": ["pndm"]}), rows)
+    ddim = next(c for c in cards if c["method"] == "ddim")
+    assert [c["verdict"] for c in ddim["checks"]] == ["does not hold"] and "more steps, lower FID" in ddim["checks"][0]["check"]
+    assert next(c for c in cards if c["method"] == "pndm")["checks"] == []
+

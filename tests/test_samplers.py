@@ -19,7 +19,7 @@ from bench.catalog import METHODS
 from bench.denoiser import CountingDenoiser
 from bench.embedded.pixel_ddpm import SCHEDULER_CONFIG, ZERO_SNR_SCHEDULER_CONFIG
 from bench.errors import BenchError
-from bench.interfaces import DiffusionModel
+from bench.interfaces import Batch, DiffusionModel
 from methods.sampling import SchedulerSampler, TimestepSpacingArgs, ZeroTerminalSNRArgs, sampler_base_config
 
 # NumPy 2 deprecations raised inside diffusers' DEIS and LMS schedulers (np.log on torch tensors), tens of
@@ -94,7 +94,7 @@ def make_method(name: str, **options):
 def run(method, model, seeds, steps=STEPS):
     denoiser = CountingDenoiser(model.unet, CPU)
     method.check(model, steps)
-    return method.generate(model, list(seeds), steps, denoiser), denoiser
+    return method.generate(model, Batch(tuple(seeds), steps), denoiser), denoiser
 
 
 def scheduler_nfe(method, model, steps=STEPS) -> int:
@@ -142,7 +142,7 @@ def test_network_sees_unit_variance_input_first(unet, name):
     (sigma-parametrised schedulers start from noise of std sigma_max ~ 157 and divide by sqrt(sigma^2 + 1))."""
     model, method = tiny_model(unet), make_method(name)
     denoiser = FirstInput(model.unet, CPU)
-    method.generate(model, [1, 2, 3, 4], STEPS, denoiser)
+    method.generate(model, Batch((1, 2, 3, 4), STEPS), denoiser)
     assert 0.9 < float(denoiser.first.std()) < 1.1
 
 

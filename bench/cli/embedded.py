@@ -14,11 +14,11 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "tokenizer": ("bench.embedded.tokenizer", "Recipe", "t2i/tokenizer"),
     "feature-net32": ("bench.embedded.feature_net", "Recipe32", "feature-net32"),
     "eval-clip": ("bench.embedded.eval_clip", "Recipe", "eval-clip"),
-    "t2i-vae": ("bench.embedded.t2i", "VaeRecipe", "t2i/vae"),
-    "t2i-unet": ("bench.embedded.t2i", "UnetRecipe", "t2i"),  # the unet and the text encoder, jointly
+    "t2i-vae": ("bench.recipes.t2i", "VaeRecipe", "t2i/vae"),
+    "t2i-unet": ("bench.recipes.t2i", "UnetRecipe", "t2i"),  # the unet and the text encoder, jointly
     "noisy-classifier": ("bench.embedded.noisy_classifier", "Recipe", "noisy-classifier"),
     # -- alignment (issue 9): the base model's images, the simulated human's labels, the reward model --
-    "feedback": ("bench.embedded.feedback", "Recipe", "feedback"),
+    "feedback": ("bench.recipes.feedback", "Recipe", "feedback"),
 }
 
 

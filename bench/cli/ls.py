@@ -33,5 +33,9 @@ def run(args) -> int:
                                     ("reference", card.reference), ("embedded claim", card.embedded_claim)):
                     if text:
                         print(f"  {'':<{width}}    {label}: {text}")
+                for claim in getattr(registry.get(e.name), "claims", ()):  # decided by `bench claims`
+                    arms = ", ".join(label for label, _ in claim.arms)
+                    print(f"  {'':<{width}}    claim {claim.id}: {claim.statement} [{claim.metric} {claim.relation}: "
+                          f"{arms}; paper: {claim.reference}]")
         print()
     return 0

@@ -12,7 +12,8 @@ import sys
 
 from bench.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, BenchError
 
-SUBCOMMANDS = ("run", "sweep", "evaluate", "ls", "embedded", "leaderboard", "report", "nightly", "sync", "profile", "runs")
+SUBCOMMANDS = ("run", "sweep", "evaluate", "ls", "embedded", "leaderboard", "report", "nightly", "sync", "profile",
+               "runs", "claims")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -51,9 +51,13 @@ def run(args) -> int:
     check_out_file(out)  # before the store is read
     selection = selection_from_args(args)
     runs = fetch_runs(args.tracking_uri, selection)
+    from bench.claims import latest_verdicts
+
     tracker = Tracker(args.tracking_uri)
+    latest = latest_verdicts(tracker, selection.experiment)  # the verdicts of the newest `bench claims` run
     data = report.build(runs, args.metric, tracker.client, tracker.uri, args.title,
-                        f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}")
+                        f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}",
+                        verdicts=latest[0] if latest else None)
     try:
         report.write(data, out, fmt)
     except OSError as exc:

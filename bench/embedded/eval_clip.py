@@ -27,6 +27,7 @@ Reproduce with ``bench embedded train eval-clip``.
 
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -37,8 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from bench.embedded.shapes import WorldConfig
+from bench.embedded.feature_net import _blur
+from bench.embedded.pool import scene_pool
+from bench.embedded.shapes import WorldConfig, render_set
 
 CLIP_SEED = 5  # scenes the evaluation CLIP trains on
 HELDOUT_SEED = 98  # scenes its retrieval accuracy is measured on
@@ -114,7 +119,6 @@ def contrastive_loss(model, images: torch.Tensor, tokens: torch.Tensor, captions
 def stored_state_dict(model, used_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """The state dict in the dtypes clip's build_model gives, token rows never trained zeroed."""
     clip = import_clip()
-    import copy
 
     m = copy.deepcopy(model)
     clip.model.convert_weights(m)
@@ -128,8 +132,6 @@ def stored_state_dict(model, used_tokens: torch.Tensor) -> dict[str, torch.Tenso
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(str(path))
 
 
@@ -149,8 +151,6 @@ def export_for_clip_load(weights: Path, out: Path) -> Path:
 def retrieval_accuracy(model, n: int = 1000, seed: int = HELDOUT_SEED, resolution: int = 32,
                        max_objects: int = 2) -> dict[str, float]:
     """Held-out scenes: is an image's own caption the nearest among the distinct captions of the set?"""
-    from bench.embedded.shapes import render_set
-
     model = model.eval()
     images, scenes = render_set(seed, range(n), WorldConfig(resolution, max_objects=max_objects, split="all"))
     captions = [s.caption for s in scenes]
@@ -181,12 +181,6 @@ def retrieval_accuracy(model, n: int = 1000, seed: int = HELDOUT_SEED, resolutio
 
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from bench.embedded.feature_net import _blur
-    from bench.embedded.pool import scene_pool
-
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     model = build(recipe).float()

@@ -26,8 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, BACKGROUNDS, SIZES, WorldConfig, attribute_labels, render_set
+from bench.embedded.pool import scene_pool
+from bench.embedded.shapes import (ALL_COLORS, ALL_SHAPES, BACKGROUNDS, SIZES, WorldConfig, attribute_labels,
+                                   make_scenes, render_set)
 
 FEATURE_SEED = 3  # scenes the feature network trains on
 HEADS = {"shape": len(ALL_SHAPES), "color": len(ALL_COLORS), "background": len(BACKGROUNDS), "size": len(SIZES)}
@@ -133,11 +137,6 @@ def to_input(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from bench.embedded.shapes import make_scenes
-
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     heads = heads_for(recipe.max_objects)
@@ -148,8 +147,6 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     world = WorldConfig(recipe.resolution, max_objects=recipe.max_objects, split="all")
     t0 = time.time()
     if recipe.pool_size:
-        from bench.embedded.pool import scene_pool
-
         pool_images, _ = scene_pool(recipe.data_seed, recipe.pool_size, world)
         pool_scenes = make_scenes(recipe.data_seed, range(recipe.pool_size), world)
         order = torch.randperm(recipe.pool_size * (1 + recipe.steps * recipe.batch_size // recipe.pool_size),

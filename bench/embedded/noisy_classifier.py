@@ -25,8 +25,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from bench.embedded.shapes import BACKGROUNDS, COLORS, SHAPES, WorldConfig
+from bench.embedded.pixel_ddpm import SCHEDULER_CONFIG
+from bench.embedded.pool import scene_pool
+from bench.embedded.shapes import BACKGROUNDS, COLORS, SHAPES, WorldConfig, render_set
+from bench.errors import BenchError
 
 CLASSIFIER_SEED = 8  # scenes the classifier trains on
 HEADS = {"color": tuple(COLORS), "shape": SHAPES, "background": tuple(BACKGROUNDS)}  # the pixel DDPM's world
@@ -86,10 +92,6 @@ class Recipe:
 
 
 def load(folder: Path) -> NoisyClassifier:
-    from safetensors.torch import load_file
-
-    from bench.errors import BenchError
-
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
         net = NoisyClassifier(config["width"], config["t_dim"])
@@ -106,13 +108,6 @@ def labels_of(scenes) -> dict[str, torch.Tensor]:
 
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
-    from diffusers import DDPMScheduler
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from bench.embedded.pixel_ddpm import SCHEDULER_CONFIG
-    from bench.embedded.pool import scene_pool
-
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     world = WorldConfig(16, max_objects=1, split="train")
@@ -171,8 +166,6 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
 @torch.no_grad()
 def evaluate(net: NoisyClassifier, scheduler, n: int = 1000, seed: int = 99) -> dict[str, dict[str, float]]:
     """Accuracy per head on held-out scenes at a few noise levels."""
-    from bench.embedded.shapes import render_set
-
     images, scenes = render_set(seed, range(n), WorldConfig(16, max_objects=1, split="train"))
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     labels = labels_of(scenes)

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
 
 from bench.embedded.shapes import WorldConfig, render_set
 
@@ -85,14 +88,10 @@ class ZeroSNRRecipe(Recipe):
 
 
 def build_unet():
-    from diffusers import UNet2DModel
-
     return UNet2DModel(**UNET_CONFIG)
 
 
 def build_scheduler(variant: str = "standard"):
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(**VARIANTS[variant])
 
 
@@ -105,10 +104,6 @@ def _batch(recipe: Recipe, step: int) -> torch.Tensor:
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Train from ``recipe`` and save a DDPMPipeline folder to ``out_dir``. Returns the recipe record."""
-    from diffusers import DDPMPipeline
-    from diffusers.training_utils import EMAModel
-    from tqdm.auto import tqdm
-
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     unet, scheduler = build_unet(), build_scheduler(recipe.variant)

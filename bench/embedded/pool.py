@@ -14,14 +14,13 @@ import os
 
 import numpy as np
 
+from bench.files import cache_dir
 from bench.embedded.shapes import RENDERER_VERSION, Scene, WorldConfig, make_scenes, render_set
 
 RENDER_CHUNK = 2000
 
 
 def pool_path(seed: int, size: int, world: WorldConfig):
-    from bench.evaluation import cache_dir
-
     name = f"shapes-r{world.resolution}-o{world.max_objects}-{world.split}-v{RENDERER_VERSION}-seed{seed}-n{size}.npy"
     return cache_dir() / "scene-pools" / name
 

@@ -22,7 +22,12 @@ import gzip
 import json
 import time
 from dataclasses import asdict, dataclass
+from importlib.util import find_spec
 from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from bench.errors import BenchError
 
 NUM_MERGES = 49152 - 256 - 2  # clip's SimpleTokenizer: merges[1 : 49152 - 256 - 2 + 1]
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -37,12 +42,8 @@ class Recipe:
 
 
 def clip_bpe_path() -> Path:
-    from importlib.util import find_spec
-
     spec = find_spec("clip")  # located, not imported (clip-anytorch imports pkg_resources, with a warning)
     if spec is None or not spec.submodule_search_locations:
-        from bench.errors import BenchError
-
         raise BenchError("the clip package (clip-anytorch) is not installed; it ships the BPE file")
     return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -86,8 +87,6 @@ def write_tokenizer_files(out_dir: Path, model_max_length: int = 77, bpe_path: P
 
 def load(folder: Path):
     """The converted tokenizer through transformers' own loader (as SD-1.5's ``tokenizer/`` loads)."""
-    from transformers import CLIPTokenizer
-
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -107,3 +106,9 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     }
     (Path(out_dir) / "RECIPE.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def tokenize(tokenizer, captions: list[str]):
+    """Token ids [B, model_max_length] (a torch tensor), padded and truncated as Stable Diffusion's pipeline does."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 from bench.embedded.feature_net import HEADS, HEADS_TWO_OBJECTS, ShapesCNN, to_input
+from bench.errors import BenchError
 
 NAME = "shapes-cnn16"
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "bench" / "embedded" / "weights" / "feature-net"
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "feature-net"
 FEATURES = ("embedding",) + tuple(f"logits_{k}" for k in HEADS)
 NAME32 = "shapes-cnn32"
 WEIGHTS_DIR32 = WEIGHTS_DIR.parent / "feature-net32"
@@ -26,10 +29,6 @@ FEATURES32 = ("embedding",) + tuple(f"logits_{k}" for k in HEADS_TWO_OBJECTS)
 
 
 def load_network(weights_dir: Path = WEIGHTS_DIR) -> ShapesCNN:
-    from safetensors.torch import load_file
-
-    from bench.errors import BenchError
-
     try:
         config = json.loads((Path(weights_dir) / "config.json").read_text())
         state = load_file(str(Path(weights_dir) / "model.safetensors"))
@@ -93,8 +92,6 @@ class ShapesFeatureExtractor32(ShapesFeatureExtractor):
 
 
 def register() -> None:
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
-
     if NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(NAME, ShapesFeatureExtractor)
     if NAME32 not in FEATURE_EXTRACTORS_REGISTRY:
