@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.clip import EMBEDDED_BACKBONE, SCALE, clip_scores, load_clip, preflight, weights_digest
+from bench.clip import BATCH, EMBEDDED_BACKBONE, SCALE, clip_scores, load_clip, preflight, weights_digest
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output

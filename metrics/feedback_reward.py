@@ -30,7 +30,7 @@ from bench.errors import BenchError
 from bench.extractors import shapes_digest
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
-from metrics.attribute_accuracy import network_folder, predict
+from metrics.attribute_accuracy import BATCH, network_folder, predict
 
 KEY_REWARD = "reward"
 KEY_HUMAN = "human_approval"
@@ -71,8 +71,6 @@ class FeedbackRewardMetric(Metric):
     def compute(self, ctx) -> dict[str, float]:
         if not ctx.prompts or ctx.targets is None:
             raise BenchError("feedback-reward: this run has no prompts with targets")
-        from metrics.attribute_accuracy import BATCH
-
         prompts, targets = list(ctx.prompts), list(ctx.targets)
         reward = FeedbackReward()
         # three passes over the samples, a chunk at a time, each chunk the batch of the network it feeds (the
