@@ -74,17 +74,17 @@ class DreamBooth(PersonalizationMethod):
         Claim("learns-the-subject", "fine-tuning every UNet weight on 3-5 images makes the model render the "
               "subject: CLIP-I above the untuned model's", "DreamBench (Table 1; verify): CLIP-I 0.803, DINO "
               "0.668, CLIP-T 0.305", "clip_i",
-              (("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16})),
+              (("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 0})),
                ("untuned", personalize("textual-inversion", train_steps=0))), "greater", tolerance="margin"),
         Claim("prior-loss-cuts-drift", "the class-specific prior-preservation loss keeps the class prompts' samples "
               "from drifting towards the subject", "Table 3 (verify): PRES 0.664 -> 0.493 at similar fidelity",
               "prior_drift",
-              (("with prior", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16})),
-               ("without", personalize("dreambooth", prior_preservation=False, quick_options={"drift_samples": 16}))),
+              (("with prior", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 128})),
+               ("without", personalize("dreambooth", prior_preservation=False, quick_options={"drift_samples": 128}))),
               "less", tolerance="margin"),
         Claim("beats-textual-inversion", "DreamBooth's subject fidelity beats Textual Inversion's (CLIP-I)",
               "DreamBench (Table 1; verify): CLIP-I 0.803 against 0.780, DINO 0.668 against 0.569", "clip_i",
-              (("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 16})),
+              (("dreambooth", personalize("dreambooth", quick_options={"num_class_images": 8, "drift_samples": 0})),
                ("textual inversion", personalize("textual-inversion"))), "greater", tolerance="margin",
               note="each embedded concept is one attribute value, what one word can express"),
     )
