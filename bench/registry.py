@@ -17,6 +17,7 @@ import ast
 import difflib
 import importlib
 import importlib.machinery
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -67,8 +68,9 @@ def _find_spec_without_importing(module_name: str):
         if name in sys.modules:
             spec = getattr(sys.modules[name], "__spec__", None)
         else:
-            try:
-                spec = importlib.machinery.PathFinder.find_spec(name, path)
+            try:  # a top-level name has no parent to import: every finder may answer (an editable install's too)
+                spec = (importlib.util.find_spec(name) if i == 0
+                        else importlib.machinery.PathFinder.find_spec(name, path))
             except (ImportError, ValueError):
                 return None
         if spec is None:

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.tracking import Terminated
 
         return 143 if isinstance(exc, Terminated) else 130
+    except BrokenPipeError:  # the reader went away (`bench ls | head`): nothing left to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # an internal error: one line unless BENCH_DEBUG asks for the traceback
         if os.environ.get("BENCH_DEBUG"):
             raise
