@@ -532,8 +532,8 @@ def record(verdicts: Sequence[Verdict], tracker, plan: ClaimPlan, execution: Exe
 
 
 def latest_verdicts(tracker, experiment: str | None = "") -> tuple[list[dict[str, Any]], Any] | None:
-    """The table of the newest FINISHED claims run (rows as ``Verdict.to_dict``) and its run, or None if there is
-    none. ``experiment``: "" the tracker's, None every experiment of the store, else that one."""
+    """Each claim's newest verdict over the FINISHED claims runs (rows as ``Verdict.to_dict``) and the newest run,
+    or None if there is none. ``experiment``: "" the tracker's, None every experiment of the store, else that one."""
     import tempfile
 
     client = tracker.client
@@ -550,13 +550,18 @@ def latest_verdicts(tracker, experiment: str | None = "") -> tuple[list[dict[str
         return None
     wanted = f"tags.{CLAIMS_RUN_TAG} = 'verdicts' and attributes.status = 'FINISHED'"
     runs = client.search_runs(ids, filter_string=wanted,
-                              order_by=["attributes.start_time DESC"], max_results=1)
+                              order_by=["attributes.start_time DESC"], max_results=100)
     if not runs:
         return None
+    # a claims run may decide only some methods (--method): each claim's verdict is its newest one
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(runs[0].info.run_id, "claims.json", tmp)
-        with open(path) as fh:
-            return json.load(fh), runs[0]
+        for k, run in enumerate(runs):
+            path = client.download_artifacts(run.info.run_id, "claims.json", f"{tmp}/{k}")
+            with open(path) as fh:
+                for row in json.load(fh):
+                    rows.setdefault((row.get("method", ""), row.get("id", row.get("claim", ""))), row)
+    return list(rows.values()), runs[0]
 
 
 # -- output ---------------------------------------------------------------------------------------------------

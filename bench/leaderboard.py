@@ -214,15 +214,20 @@ def config_table(runs, metrics: Sequence[str], by: Sequence[str]):
 BOARD_METRICS = ("fid", "kid_mean", "nfe", "latency_per_image_ms", "throughput_images_per_s", "peak_memory_mb")
 
 
-def leaderboard(runs, metric: str = "fid"):
-    """The ranked table: one row per configuration within each (eval protocol, device) group."""
+def leaderboard(runs, metric: str = "fid", per_protocol: bool = False):
+    """The ranked table: one row per configuration within each (eval protocol, device) group.
+
+    Runs that measured ``metric`` under different protocols are refused (one table would invite comparing them)
+    unless ``per_protocol``: then each protocol is its own group, ranked alone (never ranked together).
+    """
     if runs.empty:
         raise BenchError("no FINISHED diffbench runs match the selection")
     if metric not in runs or runs[metric].isna().all():
         known = sorted(c for c in runs.columns if c not in RUN_TAGS and outputs.lookup(c) is not None)
         raise BenchError(f"no run of the selection has the metric {metric!r} (they have: {', '.join(known)})")
     runs = runs[runs[metric].notna()]
-    check_comparable(runs, metric)
+    if not per_protocol:
+        check_comparable(runs, metric)
     metrics = list(dict.fromkeys([metric, *BOARD_METRICS]))
     board = config_table(runs, metrics, GROUP_COLUMNS)
     board["rank"] = (board.groupby(list(GROUP_COLUMNS))[metric]

@@ -222,7 +222,12 @@ def method_cards(runs, verdicts: Sequence[Mapping[str, Any]] | None) -> list[dic
 
 
 def strip_credentials(uri: str) -> str:
-    return re.sub(r"//[^/@]+@", "//***@", uri)
+    """The store as a reader may see it: no password, and a local file by its name only (no path of this machine)."""
+    uri = re.sub(r"//[^/@]+@", "//***@", uri)
+    if uri.startswith(("sqlite:///", "file:")):
+        scheme = "sqlite:///" if uri.startswith("sqlite:///") else "file:"
+        return scheme + uri.rstrip("/").rsplit("/", 1)[-1]
+    return uri
 
 
 def environment(runs, tracking_uri: str) -> list[tuple[str, str]]:
@@ -245,12 +250,13 @@ def environment(runs, tracking_uri: str) -> list[tuple[str, str]]:
 
 
 def build(runs, metric: str, client, tracking_uri: str, title: str, subtitle: str,
-          sections: Sequence[Section] = (), verdicts: Sequence[Mapping[str, Any]] | None = None) -> Report:
+          sections: Sequence[Section] = (), verdicts: Sequence[Mapping[str, Any]] | None = None,
+          per_protocol: bool = False) -> Report:
     """Everything the page shows, computed once; the renderers only format it. ``verdicts``: the claims table of the
     newest `bench claims` run (bench.claims.latest_verdicts), shown per method."""
     from bench.leaderboard import leaderboard
 
-    board = leaderboard(runs, metric)
+    board = leaderboard(runs, metric, per_protocol=per_protocol)
     runs = runs[runs[metric].notna()]
     headers, groups = display_rows(board, metric)
     plots = []

@@ -158,3 +158,11 @@ def test_claims_table_is_the_newest_claims_runs_verdicts(tmp_path):
     assert [c["verdict"] for c in ddim["checks"]] == ["does not hold"] and "more steps, lower FID" in ddim["checks"][0]["check"]
     assert next(c for c in cards if c["method"] == "pndm")["checks"] == []
 
+
+
+def test_store_is_shown_without_a_path_of_the_machine():
+    from bench.report import strip_credentials
+
+    assert strip_credentials("sqlite:////home/someone/project/mlflow.db") == "sqlite:///mlflow.db"
+    assert strip_credentials("file:///home/someone/mlruns") == "file:mlruns"
+    assert strip_credentials("https://user:secret@host/path") == "https://***@host/path"

@@ -23,6 +23,9 @@ def add_parser(sub, argv: list[str]) -> None:
     p.add_argument("--out", help="output file (default: reports/report.html, or .md with --format md)")
     p.add_argument("--format", choices=FORMATS, help="html or md (default: from --out's suffix, else html)")
     p.add_argument("--title", default="diffbench report", help="the page's title")
+    p.add_argument("--per-protocol", action="store_true",
+                   help="runs of different metric protocols (data set, sample count, extractor) each get their own "
+                   "ranked group instead of a refusal; nothing is ranked across protocols")
     p.set_defaults(func=run)
 
 
@@ -57,7 +60,7 @@ def run(args) -> int:
     latest = latest_verdicts(tracker, selection.experiment)  # the verdicts of the newest `bench claims` run
     data = report.build(runs, args.metric, tracker.client, tracker.uri, args.title,
                         f"{len(runs)} FINISHED runs ({selection.describe()}), ranked by {args.metric}",
-                        verdicts=latest[0] if latest else None)
+                        verdicts=latest[0] if latest else None, per_protocol=args.per_protocol)
     try:
         report.write(data, out, fmt)
     except OSError as exc:
