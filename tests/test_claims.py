@@ -233,7 +233,7 @@ def test_update_writes_the_table_between_the_markers_only(tmp_path):
     update_markers(page, "| a |\n|---|\n| 1 |", quick=True)
     text = page.read_text(encoding="utf-8")
     assert text.startswith("before\n") and text.endswith(f"{END}\nafter\n")
-    assert "old table" not in text and "| 1 |" in text and "--quick size" in text
+    assert "old table" not in text and "| 1 |" in text and "bench claims --quick --markdown --update" in text
 
 
 def test_update_without_markers_is_bad_input_before_any_run(tmp_path):

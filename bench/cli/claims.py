@@ -61,11 +61,12 @@ def read_markers(path: Path) -> tuple[str, int, int]:
     return text, start + len(BEGIN), end
 
 
-def update_markers(path: Path, table: str, quick: bool) -> None:
+def update_markers(path: Path, table: str, quick: bool, methods: list[str] | None = None) -> None:
     """Replace what lies between the markers with the table (and the command that made it)."""
     text, start, end = read_markers(path)
-    size = "--quick size" if quick else "full size"
-    body = f"\n\n{table}\n\n(written by `bench claims --markdown --update {path.name}`, {size})\n\n"
+    command = " ".join(["bench claims", *(["--quick"] if quick else []),
+                        *([f"--method {','.join(methods)}"] if methods else []), "--markdown", f"--update {path}"])
+    body = f"\n\n{table}\n\n(written by `{command}`)\n\n"
     path.write_text(text[:start] + body + text[end:], encoding="utf-8")
 
 
@@ -107,7 +108,7 @@ def run(args) -> int:
     run_id = record(verdicts, tracker, plan, execution, Path(args.output))
     print(markdown_table(verdicts) if args.markdown else format_table(verdicts))
     for path in args.update:
-        update_markers(Path(path), markdown_table(verdicts), quick=args.quick)
+        update_markers(Path(path), markdown_table(verdicts), quick=args.quick, methods=methods)
         print(f"wrote the claims table into {path}", file=sys.stderr)
     counts = {v: sum(x.verdict == v for x in verdicts) for v in ("holds", "does not hold", UNMEASURED)}
     print(f"{len(verdicts)} claims: {counts['holds']} hold, {counts['does not hold']} do not hold, "
