@@ -65,20 +65,14 @@ def quiet_loading():
     """No library warnings while weights load: a pickle ``.bin`` refused by ``weights_only=True`` makes torch warn
     before it raises, and the one line the user sees is the BenchError that follows."""
     import io
-    import logging
     import warnings
 
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "torch")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    from bench.files import quiet_loggers
+
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            quiet_loggers("diffusers", "transformers", "torch"):
         warnings.simplefilter("ignore")
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
+        yield
 
 
 def _hf_home() -> str:

@@ -63,17 +63,10 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextmanager
 def _quiet_store() -> Iterator[None]:
     """MLflow's SQL store logs whole SQLAlchemy tracebacks on a failed write; the caller says it in one line."""
-    import logging
+    from bench.files import quiet_loggers
 
-    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "sqlalchemy")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
+    with quiet_loggers("mlflow", "alembic", "sqlalchemy"):
         yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _sqlite_write_check(db: Path) -> None:
