@@ -110,7 +110,10 @@ class EDICT(LatentEditor):
               "PSNR above SDEdit's (img2img) at the same strength", "Wallace et al. 2023, Section 5 and the "
               "comparisons with img2img (s = 0.8, guidance 3; verify)", "bg_psnr",
               (("edict", edit("edict")), ("sdedit 0.8", edit("sdedit", strength=0.8))), "greater",
-              tolerance="margin"),
+              tolerance="margin",
+              note="may not hold at --quick's 10 steps: the inversion runs under guidance 3 (as the official code "
+                   "does), and with 8 coarse steps the guided inversion's pair regenerated with another prompt drifts "
+                   "further from the source than SDEdit's noising; the paper edits with 50 steps"),
     )
 
     # -- configuration -----------------------------------------------------------------------------------------------
