@@ -26,7 +26,8 @@ target prompt, classifier-free guidance 3 in both passes; the output is the x se
 ``latent_pair[0]``, what its ``recon_test`` scores).
 
 Differences from the official code: the source is encoded to the posterior mean (the project's convention for every
-editor; the code samples the posterior), and the run's dtype is used (the code runs in float64, in which the test checks exactness). Each step costs two guided UNet evaluations (one per sequence), in sequence.
+editor; the code samples the posterior), and the run's dtype is used (the code runs in float64, the dtype in which
+the test checks exactness). Each step costs two guided UNet evaluations (one per sequence), in sequence.
 """
 
 from __future__ import annotations
