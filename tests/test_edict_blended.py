@@ -31,6 +31,15 @@ def run(model, m, items, steps, seeds=None):
     return m.generate(model, Batch(tuple(seeds), steps, edits=tuple(items)), CountingDenoiser(model.unet, torch.device("cpu")))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two fighting over a shared CPU (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return load_model(str(save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))))
@@ -104,15 +113,16 @@ def test_coupled_step_is_eq14_over_ddim_steps(tiny64, items3, leapfrog):
 @pytest.mark.parametrize("options", [{}, {"mixing": 0.8, "leapfrog": False}])
 def test_edict_inversion_reconstructs_the_source_latent_exactly_in_float64(tiny64, items3, options):
     m = method("edict-inversion", **options)
-    z0 = m.encode_images(tiny64, items3[:1])
-    cond, uncond = m.encode_text(tiny64, [it.source_prompt for it in items3[:1]])
+    z0 = m.encode_images(tiny64, items3[:2])
+    cond, uncond = m.encode_text(tiny64, [it.source_prompt for it in items3[:2]])
     den = denoiser(tiny64)
-    out = m.edit_latents(tiny64, den, z0, cond, cond, uncond, 6, 1.0)
-    assert den.calls == 2 * 2 * 6  # two guided evaluations per step, inversion and regeneration
+    steps = 4 if options else 8
+    out = m.edit_latents(tiny64, den, z0, cond, cond, uncond, steps, 1.0)
+    assert den.calls == 2 * 2 * steps  # two guided evaluations per step, inversion and regeneration
     assert (out - z0).abs().max() < 1e-5, (out - z0).abs().max()
     if not options:  # another prompt lands elsewhere: the inverted pair is not the source
-        cond_tgt, _ = m.encode_text(tiny64, [it.target_prompt for it in items3[:1]])
-        edited = m.edit_latents(tiny64, den, z0, cond, cond_tgt, uncond, 6, 1.0)
+        cond_tgt, _ = m.encode_text(tiny64, [it.target_prompt for it in items3[:2]])
+        edited = m.edit_latents(tiny64, den, z0, cond, cond_tgt, uncond, steps, 1.0)
         assert (edited - z0).abs().max() > 1e-2
 
 
@@ -128,11 +138,12 @@ def test_sample_i_depends_on_item_i_and_seed_i_alone(tiny, tiny64, items3, name,
     model = tiny64 if name == "edict" else tiny
     m = method(name, **options)
     seeds = [sample_seed(0, i) for i in range(3)]
-    both = run(model, m, items3, 5, seeds)
-    alone = run(model, m, items3[1:2], 5, seeds[1:2])
+    steps = 5
+    both = run(model, m, items3, steps, seeds)
+    alone = run(model, m, items3[1:2], steps, seeds[1:2])
     assert torch.allclose(both[1:2], alone, atol=1e-5), (both[1:2] - alone).abs().max()
     if name == "blended-latent":  # the seed matters where noise is drawn (EDICT is deterministic)
-        assert not torch.allclose(run(model, m, items3[1:2], 5, [seeds[1] + 1]), alone)
+        assert not torch.allclose(run(model, m, items3[1:2], steps, [seeds[1] + 1]), alone)
 
 
 # -- Blended Latent Diffusion ----------------------------------------------------------------------------------------------
