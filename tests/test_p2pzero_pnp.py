@@ -37,7 +37,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def items():
-    return EmbeddedEdits().edits(3)
+    return EmbeddedEdits().edits(2)
 
 
 def same_prompt(items):
@@ -202,3 +202,69 @@ def test_bad_options_and_inputs_are_one_line(tiny, items):
     no_words = [dataclasses.replace(items[0], blend_words=("", ""))]
     with pytest.raises(BenchError, match="source and target word"):
         edit(tiny, method("pix2pix-zero"), no_words)
+
+
+class _PipelineProcessor:
+    """StableDiffusionPix2PixZeroPipeline's Pix2PixZeroAttnProcessor (diffusers 0.2x), written out for the test."""
+
+    def __init__(self, is_pix2pix_zero):
+        self.is_pix2pix_zero, self.reference = is_pix2pix_zero, {}
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, timestep=None, loss=None):
+        query = attn.to_q(hidden_states)
+        encoder_hidden_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        query, key, value = attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attn.head_to_batch_dim(value)
+        probs = attn.get_attention_scores(query, key, None)
+        if self.is_pix2pix_zero and timestep is not None:
+            if loss is None:
+                self.reference[timestep.item()] = probs.detach()
+            else:
+                loss.append(((probs - self.reference.pop(timestep.item())) ** 2).sum((1, 2)).mean(0))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def test_pix2pix_zero_edit_is_the_pipelines_for_one_image(tiny, items):
+    """One edit: the reference pass and the cross-attention-guided pass of the pipeline's ``__call__`` (written out
+    with its attention processor, loss and SGD step) from the same inverted latent, against the adapter."""
+    steps, scale, rate = 3, 3.0, 100.0
+    m = method("pix2pix-zero", regularize=False, guidance=scale, xattn_guidance=rate)
+    ours, _ = edit(tiny, m, items[:1], steps)
+    unet = tiny.unet
+    with torch.no_grad():
+        z0 = m.encode_images(tiny, items[:1])
+        cond, uncond = m.encode_text(tiny, [items[0].source_prompt])
+        delta = m.directions(tiny, items[:1])
+        scheduler = m.make_scheduler(tiny)
+        timesteps = m.editing_timesteps(scheduler, steps, 1.0)
+        latents_init = m.ddim_inversion(tiny, CountingDenoiser(unet, torch.device("cpu")), z0, cond, steps, timesteps)[0]
+    embeds, embeds_edit = torch.cat([uncond, cond]), torch.cat([uncond, cond + delta])
+    saved = dict(unet.attn_processors)
+    unet.set_attn_processor({n: _PipelineProcessor(".attn2." in n) for n in saved})
+    try:
+        with torch.no_grad():
+            latents = latents_init
+            for t in timesteps:
+                eps_u, eps_c = unet(torch.cat([latents] * 2), t, encoder_hidden_states=embeds,
+                                    cross_attention_kwargs={"timestep": t}).sample.chunk(2)
+                latents = scheduler.step(eps_u + scale * (eps_c - eps_u), t, latents).prev_sample
+        latents = latents_init
+        for t in timesteps:
+            x_in = torch.cat([latents] * 2).detach().clone().requires_grad_(True)
+            opt = torch.optim.SGD([x_in], lr=rate)
+            with torch.enable_grad():
+                loss = []
+                unet(x_in, t, encoder_hidden_states=embeds_edit, cross_attention_kwargs={"timestep": t, "loss": loss})
+                sum(loss).backward()
+                opt.step()
+            with torch.no_grad():
+                eps_u, eps_c = unet(x_in.detach(), t, encoder_hidden_states=embeds_edit,
+                                    cross_attention_kwargs={"timestep": None}).sample.chunk(2)
+                latents = scheduler.step(eps_u + scale * (eps_c - eps_u), t, x_in.detach().chunk(2)[0]).prev_sample
+        unet.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ref = m.decode(tiny, latents)
+    finally:
+        unet.set_attn_processor(saved)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
