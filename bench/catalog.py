@@ -38,6 +38,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "diffedit": "methods.diffedit:DiffEdit",
     "pix2pix-zero": "methods.pix2pix_zero:Pix2PixZero",
     "pnp": "methods.pnp:PlugAndPlay",
+    "edict": "methods.edict:EDICT",
+    "edict-inversion": "methods.edict:EDICTInversion",
+    "blended-latent": "methods.blended_latent:BlendedLatent",
     # -- personalization (issue 8): methods that train in prepare()
     "textual-inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
