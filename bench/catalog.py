@@ -36,6 +36,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "null-text-inversion": "methods.inversion:NullTextInversion",
     "p2p": "methods.p2p:PromptToPrompt",
     "diffedit": "methods.diffedit:DiffEdit",
+    "pix2pix-zero": "methods.pix2pix_zero:Pix2PixZero",
+    "pnp": "methods.pnp:PlugAndPlay",
     "edict": "methods.edict:EDICT",
     "edict-inversion": "methods.edict:EDICTInversion",
     "blended-latent": "methods.blended_latent:BlendedLatent",

@@ -135,6 +135,9 @@ CASES = [
     ("freeu-b1-inf", [*T2I, "--method", "freeu", "--b1", "inf"], 2, "finite"),
     ("classifier-scale-nan", [*RUN, "--method", "classifier-guidance", "--classifier-scale", "nan"], 2, "finite"),
     ("config-guidance-inf", [*T2I, "--config", "{files}/guidance-inf.yaml"], 2, "finite"),
+    ("pnp-feature-injection-above-1", [*T2I, "--method", "pnp", "--feature-injection", "1.5"], 2, "--feature-injection"),
+    ("pnp-feature-layer-text", [*T2I, "--method", "pnp", "--feature-layer", "layer4"], 2, "--feature-layer"),
+    ("pix2pix-zero-xattn-nan", [*T2I, "--method", "pix2pix-zero", "--xattn-guidance", "nan"], 2, "finite"),
     # --config files
     ("config-dev-zero", [*RUN, "--config", "/dev/zero"], 2, "not a regular file"),
     ("config-dev-urandom", [*RUN, "--config", "/dev/urandom"], 2, "not a regular file"),
