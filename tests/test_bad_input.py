@@ -131,6 +131,12 @@ CASES = [
     ("freeu-b1-inf", [*T2I, "--method", "freeu", "--b1", "inf"], 2, "finite"),
     ("classifier-scale-nan", [*RUN, "--method", "classifier-guidance", "--classifier-scale", "nan"], 2, "finite"),
     ("config-guidance-inf", [*T2I, "--config", "{files}/guidance-inf.yaml"], 2, "finite"),
+    # restoration (DDNM): a data set without operators, a model it cannot run on, bad options, a metric off its data
+    ("ddnm-on-edits", [*RUN, "--method", "ddnm", "--dataset", "embedded-edits"], 2, "no degradation operators"),
+    ("ddnm-on-t2i", [*T2I, "--method", "ddnm"], 2, "needs a model of kind pixel-diffusion"),
+    ("ddnm-eta-nan", [*RUN, "--method", "ddnm", "--eta", "nan"], 2, "finite"),
+    ("ddnm-update-unknown", [*RUN, "--method", "ddnm", "--update", "ddrm"], 2, "--update"),
+    ("restoration-metric-no-edits", [*RUN, "--method", "ddim", "--metrics", "restoration"], 2, "needs an editing run"),
     # --config files
     ("config-dev-zero", [*RUN, "--config", "/dev/zero"], 2, "not a regular file"),
     ("config-dev-urandom", [*RUN, "--config", "/dev/urandom"], 2, "not a regular file"),
