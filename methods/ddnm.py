@@ -106,6 +106,8 @@ class DDNMArgs:
     def __post_init__(self) -> None:
         check_option("eta", self.eta, 0.0, 1.0)
         check_choice("update", self.update, UPDATES)
+        if self.update == "ddpm" and self.eta != 0.85:
+            raise ValueError("--eta is the official update's (--update ddim); --update ddpm draws the posterior's noise")
 
 
 class DDNM(Restorer):

@@ -141,11 +141,38 @@ def test_ddnm_is_the_official_update_and_consistent(tiny_model, items6):
     assert not torch.allclose(out.double(), Operators(items6, (16, 16)).project(source_of(items6)), atol=1e-3)
 
 
-def test_ddnm_paper_update_is_consistent_and_other(tiny_model, items6):
-    out, _ = run(tiny_model, method("ddnm", update="ddpm"), items6, 4)
+def paper_ddnm(model, items, seeds, steps):
+    """Algorithm 1 as written: x_{t-1} from the DDPM posterior q(x_{t-1} | x_t, x^0|t) (Ho et al. eq. 6-7), over the
+    skipped timesteps (beta_t = 1 - a_t / a_prev), the last step returning x^0|t."""
+    a = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))).float()
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens])
+    ops, y_img = Operators(items, (16, 16)), source_of(items).float()
+    apy = ops.project(y_img)
+    skip = 1000 // steps
+    for t in range((steps - 1) * skip, -1, -skip):
+        with torch.no_grad():
+            eps = model.unet(x, torch.tensor(t)).sample
+        x0 = (x - (1 - a[t]).sqrt() * eps) / a[t].sqrt()
+        x0_hat = apy + x0 - ops.project(x0)
+        if t - skip < 0:
+            return x0_hat
+        a_prev = a[t - skip]
+        beta = 1 - a[t] / a_prev
+        mean = a_prev.sqrt() * beta / (1 - a[t]) * x0_hat + (1 - beta).sqrt() * (1 - a_prev) / (1 - a[t]) * x
+        var = (1 - a_prev) / (1 - a[t]) * beta
+        x = mean + var.sqrt() * torch.stack([torch.randn(3, 16, 16, generator=g) for g in gens])
+    raise AssertionError("unreachable")
+
+
+def test_ddnm_paper_update_is_algorithm_1_and_consistent(tiny_model, items6):
+    seeds = [sample_seed(1, i) for i in range(6)]
+    out, _ = run(tiny_model, method("ddnm", update="ddpm"), items6, 4, seeds)
+    ref = paper_ddnm(tiny_model, items6, seeds, 4)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
     err, _ = Operators(items6, (16, 16)).consistency(out.double(), source_of(items6))
     assert err.max() < 1e-5
-    assert not torch.allclose(out, run(tiny_model, method("ddnm"), items6, 4)[0], atol=1e-3)
+    assert not torch.allclose(out, run(tiny_model, method("ddnm"), items6, 4, seeds)[0], atol=1e-3)
 
 
 def test_pseudo_inverse_is_a_plus_y_without_network_calls(tiny_model, items6):
@@ -220,7 +247,8 @@ def test_bad_runs_are_refused_in_planning(tiny_model_dir, tmp_path):
         with pytest.raises(BenchError, match=match) as info:
             plan_run(spec.replace(output=str(tmp_path / "x")))
         assert "\n" not in str(info.value)
-    for args, match in [({"eta": 1.5}, "--eta"), ({"update": "ddrm"}, "--update")]:
+    for args, match in [({"eta": 1.5}, "--eta"), ({"update": "ddrm"}, "--update"),
+                        ({"update": "ddpm", "eta": 0.5}, "--eta is the official")]:
         with pytest.raises(BenchError, match=match):
             METHODS.get("ddnm").parse_args(args)
 
