@@ -47,6 +47,7 @@ SR_SCALE = 4
 GRAY_WEIGHTS = (1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0)  # DDNM's color2gray (coef = 1/3)
 BOX_SIDES = (6, 10)  # inpainting: a random box, each side 6 to 10 pixels of 16 (inclusive), anywhere in the image
 RESTORATION_METRICS = ("restoration", "fid", "latency")
+UNBOUNDED = 1e6  # stands for infinity in stored_interval (finite: inpainting's A multiplies it by 0)
 DEFAULT_ITEMS = 256  # FID needs at least 128 samples (twice shapes-cnn16's 64 feature dimensions)
 REFERENCE_SIZE = 1000
 
@@ -146,23 +147,35 @@ class Operators:
             out[i] = project(task, x[i], self.masks[idx].to(x.device, x.dtype))
         return out
 
-    def consistency(self, x: torch.Tensor, source: torch.Tensor, saturated: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sample (max |A x - y| with y = A(source), share of y's entries left out): with ``saturated`` (a
-        bool map of x's pixels, e.g. those stored as 0 or 255), the entries of y that any saturated pixel
-        contributes to are left out (A's weights are non-negative: A(saturated) > 0 there)."""
+    def consistency(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Per sample max |A x - y| with y = A(source)."""
         err = torch.empty(len(x), dtype=x.dtype, device=x.device)
-        left_out = torch.zeros(len(x), dtype=x.dtype, device=x.device)
         for task, idx in self._groups():
             i = idx.to(x.device)
             m = self.masks[idx].to(x.device, x.dtype)
-            diff = (degrade(task, x[i], m) - degrade(task, source[i], m)).abs()
-            if saturated is not None:
-                out = degrade(task, saturated[i].to(x.dtype), m) > 0
-                diff = diff.masked_fill(out, 0.0)
-                left_out[i] = out.flatten(1).to(x.dtype).mean(1)
-            err[i] = diff.flatten(1).amax(1)
-        return err, left_out
+            err[i] = (degrade(task, x[i], m) - degrade(task, source[i], m)).abs().flatten(1).amax(1)
+        return err
+
+    def interval_distance(self, lo: torch.Tensor, hi: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Per sample max over y's entries of the distance from y = A(source) to [A lo, A hi]: the values A x takes
+        for the images x with lo <= x <= hi (A's weights are non-negative, so A is monotone)."""
+        err = torch.empty(len(lo), dtype=lo.dtype, device=lo.device)
+        for task, idx in self._groups():
+            i = idx.to(lo.device)
+            m = self.masks[idx].to(lo.device, lo.dtype)
+            y = degrade(task, source[i], m)
+            gap = torch.maximum(degrade(task, lo[i], m) - y, y - degrade(task, hi[i], m)).clamp_min(0.0)
+            err[i] = gap.flatten(1).amax(1)
+        return err
+
+
+def stored_interval(images_uint8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([0, 1] units, float64) the values a float image in [0, 1] may have had before it was stored as these bytes:
+    within half a step of its byte, and, for a byte 0 or 255, anything beyond (it was clipped there)."""
+    v = images_uint8.double()
+    lo = torch.where(v == 0, torch.full_like(v, -UNBOUNDED), (v - 0.5) / 255.0)
+    hi = torch.where(v == 255, torch.full_like(v, UNBOUNDED), (v + 0.5) / 255.0)
+    return lo, hi
 
 
 # -- the embedded restoration set -------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@
   operators here (each averages or keeps rounded pixels), plus float round-off, where storing did not clip it:
   a sample is clipped to [-1, 1] before rounding, and DDNM's null-space term can leave that range (a 4x4 block of
   a white background whose mean must stay 1 while its pixels vary), so this value also measures the clipping;
-- ``consistency_error_unsaturated``: the same over the entries of y that no saturated pixel (stored as 0 or 255)
-  contributes to: the range-space consistency of the method's own output, bounded by the rounding alone;
-  ``consistency_saturated_share``: the mean share of y's entries left out of it.
+- ``consistency_error_unclipped``: max over y's entries of the distance from y to the values A x takes for every
+  float image x that the stored bytes may have come from (each pixel within half a step of its byte; a pixel stored
+  as 0 or 255 anywhere beyond, as the clipping before storing allows): 0 up to float round-off for a method whose
+  float output satisfies A x = y, whatever the rounding and the clipping did to it; a lower bound of the float output's
+  inconsistency (next to a byte 0 or 255 any deficit on that side is explained by the clipping).
 
 FID against the data set's ground truths is the ``fid`` metric (shapes-cnn16 features).
 """
@@ -26,7 +28,7 @@ import torch
 from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
-from bench.restoration import TASKS, Operators
+from bench.restoration import TASKS, Operators, stored_interval
 
 PSNR_MSE_FLOOR = 1e-10  # metrics.editing's: identical images give 100 dB
 
@@ -41,10 +43,8 @@ class Restoration(Metric):
     outputs = (
         Output("restore_psnr", "restoration PSNR to the ground truth", "higher", ".2f", "restoration"),
         Output("consistency_error", "max |A(x) - y| ([0, 1] units)", "lower", ".5f", "restoration", None),
-        Output("consistency_error_unsaturated", "max |A(x) - y| off saturated pixels", "lower", ".5f", "restoration",
-               None),
-        Output("consistency_saturated_share", "share of y next to saturated pixels", "none", ".3f", "restoration",
-               None),
+        Output("consistency_error_unclipped", "max distance of y from A(x before storing)", "lower", ".2e",
+               "restoration", None),
     )
     needs_edits: ClassVar[bool] = True
 
@@ -57,7 +57,7 @@ class Restoration(Metric):
     def protocol(self, spec, reference):
         return {"psnr": f"[0, 1] pixels, data range 1, MSE floored at {PSNR_MSE_FLOOR}, mean over samples and per task",
                 "consistency": "max over samples of max |A(x) - A(source)|, [0, 1] units, float64, from the uint8 files; "
-                               "unsaturated: entries that no pixel stored as 0 or 255 contributes to",
+                               "unclipped: distance of y from [A lo, A hi], lo / hi the bytes -+ 0.5, 0 and 255 unbounded",
                 "operators": reference.identity().get("operators")}
 
     def compute(self, ctx) -> dict[str, float]:
@@ -75,11 +75,9 @@ class Restoration(Metric):
             truth = _float01(np.stack([it.target for it in items])).permute(0, 3, 1, 2)
             source = _float01(np.stack([it.source for it in items])).permute(0, 3, 1, 2)
             mse = (x - truth).pow(2).flatten(1).mean(1)
-            saturated = (chunk == 0) | (chunk == 255)
-            every, _ = ops.consistency(x, source)
-            unsaturated, share = ops.consistency(x, source, saturated)
-            return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(PSNR_MSE_FLOOR)), "consistency": every,
-                    "unsaturated": unsaturated, "share": share}
+            lo, hi = stored_interval(chunk)
+            return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(PSNR_MSE_FLOOR)),
+                    "consistency": ops.consistency(x, source), "unclipped": ops.interval_distance(lo, hi, source)}
 
         values = ctx.map_samples(per_sample, 256)
         types = [it.edit_type for it in ctx.items]
@@ -89,6 +87,5 @@ class Restoration(Metric):
             if sel.any():
                 out[f"restore_psnr{suffix}"] = float(values["psnr"][sel].mean())
                 out[f"consistency_error{suffix}"] = float(values["consistency"][sel].max())
-                out[f"consistency_error_unsaturated{suffix}"] = float(values["unsaturated"][sel].max())
-                out[f"consistency_saturated_share{suffix}"] = float(values["share"][sel].mean())
+                out[f"consistency_error_unclipped{suffix}"] = float(values["unclipped"][sel].max())
         return out

@@ -78,7 +78,7 @@ def test_observations_hold_y_exactly(items6):
     src = source_of(items6) * 0.5 + 0.5
     assert torch.allclose(ops.project(src), src, atol=1e-12)  # the observation is A+ y: in the range of A+
     truth = torch.from_numpy(np.stack([it.target for it in items6])).permute(0, 3, 1, 2).double() / 255
-    err, _ = ops.consistency(truth, src)
+    err = ops.consistency(truth, src)
     assert err.max() <= 0.5 / 255 + 1e-12  # y from the stored bytes is A(ground truth), rounded
     box = items6[0].mask
     assert box.shape == (16, 16) and 36 <= box.sum() <= 100 and not items6[1].mask.any()
@@ -136,7 +136,7 @@ def test_ddnm_is_the_official_update_and_consistent(tiny_model, items6):
     assert den.calls == 5 and den.evaluations == 30
     ref = official_ddnm(tiny_model, items6, seeds, 5)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-    err, _ = Operators(items6, (16, 16)).consistency(out.double(), source_of(items6))
+    err = Operators(items6, (16, 16)).consistency(out.double(), source_of(items6))
     assert err.max() < 1e-5  # A x = y in float (the range space reproduced exactly)
     assert not torch.allclose(out.double(), Operators(items6, (16, 16)).project(source_of(items6)), atol=1e-3)
 
@@ -170,7 +170,7 @@ def test_ddnm_paper_update_is_algorithm_1_and_consistent(tiny_model, items6):
     out, _ = run(tiny_model, method("ddnm", update="ddpm"), items6, 4, seeds)
     ref = paper_ddnm(tiny_model, items6, seeds, 4)
     assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
-    err, _ = Operators(items6, (16, 16)).consistency(out.double(), source_of(items6))
+    err = Operators(items6, (16, 16)).consistency(out.double(), source_of(items6))
     assert err.max() < 1e-5
     assert not torch.allclose(out, run(tiny_model, method("ddnm"), items6, 4, seeds)[0], atol=1e-3)
 
@@ -192,27 +192,47 @@ def test_sample_i_depends_on_item_i_and_seed_i_only(tiny_model, items6):
 
 
 # -- the metric ---------------------------------------------------------------------------------------------------------
-def test_restoration_metric(items6):
+def metric_values(samples, items):
     from bench.evaluation import EvalContext
     from metrics.restoration import Restoration
 
     ref = DATASETS.get("embedded-restoration")()
+    return Restoration().compute(EvalContext(spec=RunSpec(), samples=samples, reference=ref, device=torch.device("cpu"),
+                                             items=items))
+
+
+def test_restoration_metric(items6):
     truth = torch.from_numpy(np.stack([it.target for it in items6])).permute(0, 3, 1, 2).contiguous()
-    values = Restoration().compute(EvalContext(spec=RunSpec(), samples=truth, reference=ref, device=torch.device("cpu"),
-                                               items=items6))
+    values = metric_values(truth, items6)
     assert values["restore_psnr"] == pytest.approx(100.0)
-    assert values["consistency_error"] <= 0.5 / 255 + 1e-9
-    assert {f"restore_psnr/{t}" for t in TASKS} <= set(values)
+    assert values["consistency_error"] <= 0.5 / 255 + 1e-9 and values["consistency_error_unclipped"] < 1e-12
+    assert {f"{k}/{t}" for t in TASKS for k in ("restore_psnr", "consistency_error")} <= set(values)
     src = torch.from_numpy(np.stack([it.source for it in items6])).permute(0, 3, 1, 2).contiguous()
-    values = Restoration().compute(EvalContext(spec=RunSpec(), samples=src, reference=ref, device=torch.device("cpu"),
-                                               items=items6))
+    values = metric_values(src, items6)
     assert values["consistency_error"] == 0 and values["restore_psnr"] < 40
     off = src.clone()
+    block = src[1, 0, :4, :4].double()
+    assert 0 < block.min() and block.max() < 255  # no clipping here: the rounding allowance alone
     off[1, 0, :4, :4] = 200  # an sr4 item: one block's red mean moved
-    values = Restoration().compute(EvalContext(spec=RunSpec(), samples=off, reference=ref, device=torch.device("cpu"),
-                                               items=items6))
-    want = abs(200 - float(src[1, 0, :4, :4].double().mean())) / 255
-    assert values["consistency_error/sr4"] == pytest.approx(want) and values["consistency_error/inpainting"] == 0
+    values = metric_values(off, items6)
+    moved = abs(200 - float(block.mean())) / 255
+    assert values["consistency_error/sr4"] == pytest.approx(moved) and values["consistency_error/inpainting"] == 0
+    assert values["consistency_error_unclipped/sr4"] == pytest.approx(moved - 0.5 / 255)
+
+
+def test_unclipped_consistency_allows_clipping_only_where_the_bytes_show_it(items6):
+    from bench.restoration import stored_interval
+
+    ops = Operators(items6[1:2], (16, 16))  # sr4
+    y_img = torch.full((1, 3, 16, 16), 0.9, dtype=torch.float64)  # every block's mean is 0.9
+    x = y_img.clone()
+    x[0, :, 0, 0], x[0, :, 0, 1] = 1.3, 0.5  # consistent in float, 1.3 clipped when stored
+    stored = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    assert ops.consistency(stored.double() / 255, y_img).max() > 0.01  # the bytes alone look inconsistent
+    assert ops.interval_distance(*stored_interval(stored), y_img).max() < 1e-12  # clipping explains it
+    stored[0, :, 0, 0] = 240  # not clipped: nothing explains the missing brightness
+    gap = ops.interval_distance(*stored_interval(stored), y_img).max()
+    assert gap == pytest.approx(0.9 - (240.5 + 128.5 + 14 * 230.5) / 255 / 16)  # the block's bytes at their highest
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
