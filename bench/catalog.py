@@ -41,6 +41,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "edict": "methods.edict:EDICT",
     "edict-inversion": "methods.edict:EDICTInversion",
     "blended-latent": "methods.blended_latent:BlendedLatent",
+    # -- image restoration (issue 17)
+    "ddnm": "methods.ddnm:DDNM",
+    "pseudo-inverse": "methods.ddnm:PseudoInverse",
     # -- personalization (issue 8): methods that train in prepare()
     "textual-inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
@@ -69,6 +72,7 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     "edit-ground-truth": "metrics.editing:EditGroundTruth",
     "reconstruction": "metrics.editing:ReconstructionError",
     "feedback-reward": "metrics.feedback_reward:FeedbackRewardMetric",
+    "restoration": "metrics.restoration:Restoration",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={
@@ -84,6 +88,10 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-concepts": "bench.personalization:EmbeddedConcepts",
     "dreambench": "bench.personalization:DreamBench",
     "shapes32-heldout": "bench.alignment:HeldoutPrompts",
+    "embedded-restoration": "bench.restoration:EmbeddedRestoration",
+    "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",
+    "embedded-restoration-sr4": "bench.restoration:RestorationSR4",
+    "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
 })
 
 MODELS: Registry = Registry("model", "diffbench.models", targets={

@@ -127,3 +127,15 @@ def personalize(method: str, steps: int = 25, metrics: tuple[str, ...] = PERSONA
     return Arm(method, steps, dict(options), model="embedded-t2i", dataset="embedded-concepts", num_samples=96,
                seeds=(0,), quick_num_samples=12, quick_seeds=(0,), quick_steps=10, metrics=metrics,
                batch_size=96, quick_options=quick)
+
+
+RESTORATION_METRICS = ("restoration", "fid", "latency")
+
+
+def restore(method: str, steps: int = 100, quick_steps: int = 20, **options: Any) -> Arm:
+    """A restorer on embedded-restoration (inpainting, 4x SR and colorization in turn) with the embedded pixel DDPM:
+    1000 items x 3 seeds at 100 steps (DDNM's); --quick: 128 items (FID needs twice shapes-cnn16's 64 dimensions),
+    one seed, 20 steps. A method without network calls (pseudo-inverse) passes steps=1, quick_steps=1."""
+    return Arm(method, steps, dict(options), model="embedded-ddpm", dataset="embedded-restoration", num_samples=1000,
+               seeds=(0, 1, 2), quick_num_samples=128, quick_seeds=(0,), quick_steps=quick_steps,
+               metrics=RESTORATION_METRICS)

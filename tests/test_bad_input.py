@@ -138,6 +138,12 @@ CASES = [
     ("pnp-feature-injection-above-1", [*T2I, "--method", "pnp", "--feature-injection", "1.5"], 2, "--feature-injection"),
     ("pnp-feature-layer-text", [*T2I, "--method", "pnp", "--feature-layer", "layer4"], 2, "--feature-layer"),
     ("pix2pix-zero-xattn-nan", [*T2I, "--method", "pix2pix-zero", "--xattn-guidance", "nan"], 2, "finite"),
+    # restoration (DDNM): a data set without operators, a model it cannot run on, bad options, a metric off its data
+    ("ddnm-on-edits", [*RUN, "--method", "ddnm", "--dataset", "embedded-edits"], 2, "no degradation operators"),
+    ("ddnm-on-t2i", [*T2I, "--method", "ddnm"], 2, "needs a model of kind pixel-diffusion"),
+    ("ddnm-eta-nan", [*RUN, "--method", "ddnm", "--eta", "nan"], 2, "finite"),
+    ("ddnm-update-unknown", [*RUN, "--method", "ddnm", "--update", "ddrm"], 2, "--update"),
+    ("restoration-metric-no-edits", [*RUN, "--method", "ddim", "--metrics", "restoration"], 2, "needs an editing run"),
     # --config files
     ("config-dev-zero", [*RUN, "--config", "/dev/zero"], 2, "not a regular file"),
     ("config-dev-urandom", [*RUN, "--config", "/dev/urandom"], 2, "not a regular file"),
