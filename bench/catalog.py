@@ -36,6 +36,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "null-text-inversion": "methods.inversion:NullTextInversion",
     "p2p": "methods.p2p:PromptToPrompt",
     "diffedit": "methods.diffedit:DiffEdit",
+    "asyrp": "methods.asyrp:Asyrp",
     # -- personalization (issue 8): methods that train in prepare()
     "textual-inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
@@ -76,6 +77,7 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "prompt-file": "bench.datasets:PromptFile",
     "embedded-edits": "bench.editing:EmbeddedEdits",
     "pie-bench": "bench.editing:PIEBench",
+    "embedded-recolor16": "bench.attribute_edits:EmbeddedRecolor16",
     "embedded-concepts": "bench.personalization:EmbeddedConcepts",
     "dreambench": "bench.personalization:DreamBench",
     "shapes32-heldout": "bench.alignment:HeldoutPrompts",
