@@ -131,6 +131,10 @@ CASES = [
     ("freeu-b1-inf", [*T2I, "--method", "freeu", "--b1", "inf"], 2, "finite"),
     ("classifier-scale-nan", [*RUN, "--method", "classifier-guidance", "--classifier-scale", "nan"], 2, "finite"),
     ("config-guidance-inf", [*T2I, "--config", "{files}/guidance-inf.yaml"], 2, "finite"),
+    ("asyrp-strength-inf", [*RUN, "--method", "asyrp", "--edit-strength", "inf"], 2, "finite"),
+    ("asyrp-t-edit-beyond", [*RUN, "--method", "asyrp", "--t-edit", "1000"], 2, "--t-edit"),
+    ("asyrp-optimizer-unknown", [*RUN, "--method", "asyrp", "--optimizer", "lbfgs"], 2, "--optimizer"),
+    ("asyrp-no-training-split", [*RUN, "--method", "asyrp", "--dataset", "shapes16"], 2, "training split"),
     # --config files
     ("config-dev-zero", [*RUN, "--config", "/dev/zero"], 2, "not a regular file"),
     ("config-dev-urandom", [*RUN, "--config", "/dev/urandom"], 2, "not a regular file"),
