@@ -37,6 +37,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "p2p": "methods.p2p:PromptToPrompt",
     "diffedit": "methods.diffedit:DiffEdit",
     "asyrp": "methods.asyrp:Asyrp",
+    "edict": "methods.edict:EDICT",
+    "edict-inversion": "methods.edict:EDICTInversion",
+    "blended-latent": "methods.blended_latent:BlendedLatent",
     # -- personalization (issue 8): methods that train in prepare()
     "textual-inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
