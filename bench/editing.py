@@ -74,6 +74,7 @@ class EmbeddedEdits(ReferenceSet):
     feature_extractor = "shapes-cnn32"
     clip_backbone = "shapes-clip"
     embedded = True
+    edit_targets = True  # every edit has its ground-truth target (metric edit-ground-truth)
     default_metrics = EDIT_METRICS
     default_num_samples = DEFAULT_EDITS
     reference_size = 1000  # ground-truth targets as a FID reference, if anyone asks for FID

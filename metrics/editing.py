@@ -11,7 +11,7 @@ where a region is empty are left out of that region's means (PIE-Bench writes "n
   (cosine) of the two images' spatial features, whole image.
 - ``edit-clip``: CLIP score (100 max(cos, 0)) of the target prompt on the edited image and on its edited region
   (the image multiplied by the mask).
-- ``edit-ground-truth`` (embedded-edits only): PSNR and LPIPS against the ground-truth target image.
+- ``edit-ground-truth`` (the embedded editing sets: embedded-edits, embedded-recolor16): PSNR and LPIPS against the ground-truth target image.
 - ``reconstruction``: PSNR and LPIPS against the source over the whole image: the inversion's reconstruction error
   for the inversion methods (ddim-inversion, null-text-inversion), the whole change for an editor.
 
@@ -362,9 +362,9 @@ class EditGroundTruth(EditMetric):
     requires = "lpips"
 
     def check(self, spec, reference):
-        if not getattr(reference, "embedded", False) or reference.name != "embedded-edits":
-            raise BenchError(f"metric {self.name} needs ground-truth targets, which only embedded-edits has "
-                             f"(data set {reference.name} has none)")
+        if not getattr(reference, "embedded", False) or not getattr(reference, "edit_targets", False):
+            raise BenchError(f"metric {self.name} needs ground-truth targets, which only the embedded editing sets "
+                             f"have (embedded-edits, embedded-recolor16; data set {reference.name} has none)")
         super().check(spec, reference)
 
     def protocol(self, spec, reference):

@@ -144,6 +144,10 @@ CASES = [
     ("ddnm-eta-nan", [*RUN, "--method", "ddnm", "--eta", "nan"], 2, "finite"),
     ("ddnm-update-unknown", [*RUN, "--method", "ddnm", "--update", "ddrm"], 2, "--update"),
     ("restoration-metric-no-edits", [*RUN, "--method", "ddim", "--metrics", "restoration"], 2, "needs an editing run"),
+    ("asyrp-strength-inf", [*RUN, "--method", "asyrp", "--edit-strength", "inf"], 2, "finite"),
+    ("asyrp-t-edit-beyond", [*RUN, "--method", "asyrp", "--t-edit", "1000"], 2, "--t-edit"),
+    ("asyrp-optimizer-unknown", [*RUN, "--method", "asyrp", "--optimizer", "lbfgs"], 2, "--optimizer"),
+    ("asyrp-no-training-split", [*RUN, "--method", "asyrp", "--dataset", "shapes16"], 2, "training split"),
     # --config files
     ("config-dev-zero", [*RUN, "--config", "/dev/zero"], 2, "not a regular file"),
     ("config-dev-urandom", [*RUN, "--config", "/dev/urandom"], 2, "not a regular file"),

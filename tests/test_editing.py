@@ -351,7 +351,7 @@ def test_editing_mismatches_fail_before_sampling(tiny_dir, tiny_model_dir, tmp_p
         plan_run(RunSpec(method="sdedit", model=str(tiny_dir), dataset="shapes32", metrics=("latency",), output=str(tmp_path / "a")))
     with pytest.raises(BenchError, match="needs an editing run"):
         plan_run(RunSpec(method="cfg", model=str(tiny_dir), metrics=("edit-background",), output=str(tmp_path / "b")))
-    with pytest.raises(BenchError, match="only embedded-edits has"):
+    with pytest.raises(BenchError, match="needs ground-truth targets"):
         plan_run(RunSpec(method="sdedit", model=str(tiny_dir), dataset="pie-bench", metrics=("edit-ground-truth",),
                          output=str(tmp_path / "c")))
     with pytest.raises(BenchError, match="needs a model of kind text-to-image"):
