@@ -1,7 +1,9 @@
 """The editing comparison on the embedded world: every editor and inversion through `bench run`'s path, one table per
-edit type, DiffEdit's mask IoU, and an image grid (source, ground-truth target, each method).
+edit type, DiffEdit's mask IoU, and an image grid (source, ground-truth target, each method); then the restorers
+(DDNM and its A+ y baseline) on embedded-restoration, per task, with their grid.
 
-    python -m bench.editing_report                       # 64 edits, 50 steps, the README's table and grid
+    python -m bench.editing_report --update README.md    # 64 edits, 50 steps, the README's tables and grids
+    python -m bench.editing_report --from-json --update README.md   # re-render them from the last run, no sampling
 
 Every configuration is one MLflow run (plan_run + execute, as `bench run`), so the numbers here are the runs'.
 """
@@ -20,6 +22,7 @@ from PIL import Image, ImageDraw
 from bench.catalog import METHODS
 from bench.denoiser import CountingDenoiser, sample_seed
 from bench.editing import EDIT_TYPES, EmbeddedEdits
+from bench.restoration import TASKS as RESTORATION_TASKS, EmbeddedRestoration
 from bench.models import load_model
 from bench.render import md_table
 from bench.runner import execute, plan_run
@@ -33,7 +36,21 @@ CONFIGS = (  # (label, method, options)
     ("DiffEdit + DDIM inversion", "diffedit", {"inversion": "ddim"}),
     ("P2P + DDIM inversion", "p2p", {"inversion": "ddim"}),
     ("P2P + null-text inversion", "p2p", {"inversion": "null-text"}),
+    ("EDICT inversion (reconstruction)", "edict-inversion", {}),
+    ("EDICT (strength 0.8, guidance 3)", "edict", {}),
+    ("Blended Latent (strength 0.75)", "blended-latent", {}),
+    ("pix2pix-zero", "pix2pix-zero", {}),
+    ("pix2pix-zero, no cross-attention guidance", "pix2pix-zero", {"xattn_guidance": 0.0}),
+    ("PnP (guidance 7.5)", "pnp", {}),
+    ("PnP (guidance 3)", "pnp", {"guidance": 3.0}),
 )
+RESTORATION = (  # (label, method, options, steps): DDNM at the paper's 100 steps; A+ y calls no network
+    ("A+ y (pseudo-inverse)", "pseudo-inverse", {}, 1),
+    ("DDNM (100 steps)", "ddnm", {}, 100),
+)
+RESTORATION_COLUMNS = (("PSNR to ground truth", "restore_psnr", "{:.2f}"), ("FID shapes-cnn16", "fid", "{:.3f}"),
+                       ("max abs(A(x) - y), stored uint8", "consistency_error", "{:.4f}"),
+                       ("same, rounding and clipping allowed", "consistency_error_unclipped", "{:.1e}"))
 # (header, key, format): the embedded world's keys, named after the network that computed them (shapes-cnn32)
 COLUMNS = (
     ("bg PSNR", "bg_psnr", "{:.2f}"), ("bg dist shapes-cnn32", "bg_dist_shapes_cnn32", "{:.3f}"),
@@ -63,11 +80,59 @@ def table(results: list[tuple[str, dict]], edit_type: str | None) -> str:
 def markdown(results: list[tuple[str, dict]], iou: dict[str, float], num_samples: int, steps: int,
              counts: dict[str, int]) -> str:
     command = f"python -m bench.editing_report -n {num_samples} --steps {steps}"
-    parts = [f"<!-- {command} -->", f"All {num_samples} edits ({steps} DDIM steps, guidance 7.5):", "", table(results, None)]
+    parts = [f"<!-- {command} -->", f"All {num_samples} edits ({steps} steps; each method at its own defaults, guidance "
+             "7.5 unless the label says otherwise):", "", table(results, None)]
     for t in EDIT_TYPES:
         parts += ["", f"Edit type `{t}` ({counts[t]} edits):", "", table(results, t)]
     parts += ["", "DiffEdit mask IoU with the ground-truth edit mask: " + ", ".join(f"{k} {v:.3f}" for k, v in iou.items()), ""]
     return "\n".join(parts)
+
+
+def restoration_markdown(results: list[tuple[str, dict]], num_samples: int) -> str:
+    """One row per restorer: overall and per task (embedded-restoration's items take the tasks in turn)."""
+    rows = []
+    for label, values in results:
+        for task in (None, *RESTORATION_TASKS):
+            suffix = f"/{task}" if task else ""
+            cells = [label, task or "all"]
+            for _, key, fmt in RESTORATION_COLUMNS:
+                v = values.get(key if key == "fid" and not task else key + suffix)
+                cells.append("" if v is None or v != v or (key == "fid" and task) else fmt.format(v))
+            rows.append(cells)
+    head = (f"{num_samples} items of embedded-restoration (inpainting, 4x super-resolution, colorization in turn; "
+            "FID over all items against the ground truths):")
+    return "\n".join([head, "", str(md_table(["method", "task", *(h for h, _, _ in RESTORATION_COLUMNS)], rows)), ""])
+
+
+README_COLUMNS = ("bg_psnr", "bg_dist_shapes_cnn32", "bg_ssim", "structure_dist_shapes_cnn32", "clip_whole", "clip_edited",
+                  "gt_psnr", "attr_acc_all", "recon_psnr")
+BEGIN, END = "<!-- bench.editing_report: begin -->", "<!-- bench.editing_report: end -->"
+
+
+def summary_markdown(results: list[tuple[str, dict]], restored: list[tuple[str, dict]], num_samples: int, steps: int,
+                     restoration_samples: int) -> str:
+    """The README's two tables: every editor over all edits (the main columns), every restorer over all items."""
+    columns = [c for c in COLUMNS if c[1] in README_COLUMNS]
+    rows = [[label, *("" if values.get(key) is None or values[key] != values[key]
+                      else fmt.format(values[key] * SCALE.get(key, 1.0)) for _, key, fmt in columns)]
+            for label, values in results]
+    edit_table = str(md_table(["method", *(h for h, _, _ in columns)], rows))
+    rest_rows = [[label, *("" if values.get(key) is None else fmt.format(values[key]) for _, key, fmt in RESTORATION_COLUMNS)]
+                 for label, values in restored]
+    rest_table = str(md_table(["method", *(h for h, _, _ in RESTORATION_COLUMNS)], rest_rows))
+    return "\n".join([f"{num_samples} edits of embedded-edits, {steps} steps:", "", edit_table, "",
+                      f"{restoration_samples} items of embedded-restoration (the three tasks in turn):", "", rest_table])
+
+
+def update_markers(path: Path, text: str, command: str) -> None:
+    """Replace what lies between the markers of ``path`` (README.md) with ``text``."""
+    doc = path.read_text(encoding="utf-8")
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"--update {path}: no '{BEGIN}' ... '{END}' markers in it")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n<!-- written by `{command}`; never edited by hand -->\n\n{text}\n\n{END}{tail}",
+                    encoding="utf-8")
 
 
 def diffedit_iou(num_samples: int, steps: int) -> dict[str, float]:
@@ -112,7 +177,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-root", default="bench-runs")
     p.add_argument("--table", default="reports/figures/editing-table.md")
     p.add_argument("--grid", default="reports/figures/editing-grid.png")
+    p.add_argument("--restoration-samples", type=int, default=256, help="items of embedded-restoration (FID: >= 128)")
+    p.add_argument("--restoration-grid", default="reports/figures/restoration-grid.png")
+    p.add_argument("--update", action="append", default=[], metavar="FILE",
+                   help=f"write the summary tables between the {BEGIN} ... {END} markers of FILE (README.md)")
+    p.add_argument("--from-json", action="store_true",
+                   help="re-render the tables (and --update) from the last run's JSON beside --table; no sampling")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(Path(args.table).with_suffix(".json").read_text())
+        summary = summary_markdown([tuple(r) for r in saved["results"]], [tuple(r) for r in saved["restoration"]],
+                                   saved["num_samples"], saved["steps"], saved["restoration_samples"])
+        for path in args.update:
+            update_markers(Path(path), summary, f"python -m bench.editing_report -n {saved['num_samples']} --steps "
+                                                f"{saved['steps']} --update {path}")
+        print(summary)
+        return 0
     tracker = Tracker(args.tracking_uri, "diffbench-editing")
     tracker.check()
     results, rows = [], []
@@ -127,18 +207,38 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, samples))
         print(f"{label}: {result.output} (MLflow run {result.run_id}), "
               f"{result.values['sampling_seconds']:.0f} s sampling", flush=True)
+    restored, restored_rows = [], []
+    for label, name, options, steps in RESTORATION:
+        spec = RunSpec(method=name, method_args=options, dataset="embedded-restoration", model="embedded-ddpm",
+                       steps=steps, num_samples=args.restoration_samples,
+                       output=str(Path(args.output_root) / f"restore-{name}"))
+        result = execute(plan_run(spec), tracker, progress=False)
+        restored.append((label, result.values))
+        restored_rows.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
+        print(f"{label}: {result.output} (MLflow run {result.run_id})", flush=True)
     items = EmbeddedEdits().edits(args.num_samples)
     iou = diffedit_iou(args.num_samples, args.steps)
     text = markdown(results, iou, args.num_samples, args.steps, {t: sum(it.edit_type == t for it in items) for t in EDIT_TYPES})
+    text += "\n" + restoration_markdown(restored, args.restoration_samples)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table).write_text(text)
     Path(args.table).with_suffix(".json").write_text(json.dumps(
-        {"num_samples": args.num_samples, "steps": args.steps, "results": results, "diffedit_iou": iou}, indent=1) + "\n")
+        {"num_samples": args.num_samples, "steps": args.steps, "results": results, "diffedit_iou": iou,
+         "restoration_samples": args.restoration_samples, "restoration": restored}, indent=1) + "\n")
     columns = [i for t in EDIT_TYPES for i in [k for k, it in enumerate(items) if it.edit_type == t][:2]]
     grid([("source", np.stack([it.source for it in items])), ("ground-truth target", np.stack([it.target for it in items]))]
          + rows, Path(args.grid), columns)
+    degraded = EmbeddedRestoration().edits(args.restoration_samples)
+    picks = [i for t in RESTORATION_TASKS for i in [k for k, it in enumerate(degraded) if it.edit_type == t][:3]]
+    grid([("observation A+ y", np.stack([it.source for it in degraded])),
+          ("ground truth", np.stack([it.target for it in degraded]))] + restored_rows,
+         Path(args.restoration_grid), picks, scale=6)
+    for path in args.update:
+        update_markers(Path(path), summary_markdown(results, restored, args.num_samples, args.steps,
+                                                    args.restoration_samples),
+                       f"python -m bench.editing_report -n {args.num_samples} --steps {args.steps} --update {path}")
     print(text)
-    print(f"grid: {args.grid}")
+    print(f"grids: {args.grid}, {args.restoration_grid}")
     return 0
 
 

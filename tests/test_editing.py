@@ -506,3 +506,30 @@ def test_diffedit_matches_diffusers_diffedit_pipeline(embedded):
         error = float((ours[i : i + 1] - theirs).abs().max())
         print(f"\nedit {i} ({item.edit_type}): mask pixels {int(mask.sum())}, max |ours - diffusers| {error:.2e}")
         assert error < 1e-3
+
+
+def test_editing_report_rewrites_only_between_its_markers(tmp_path):
+    """`python -m bench.editing_report --from-json --update FILE`: the summary tables from the saved results, written
+    between the markers and nowhere else; a file without the markers is refused and left as it was."""
+    from bench import editing_report as er
+
+    table = tmp_path / "t.md"
+    results = [["SDEdit (strength 0.5)", {"bg_psnr": 22.5, "structure_dist_shapes_cnn32": 0.0825, "clip_whole": 94.0}],
+               ["PnP (guidance 3)", {"bg_psnr": 25.9, "structure_dist_shapes_cnn32": float("nan")}]]
+    restored = [["DDNM (100 steps)", {"restore_psnr": 30.8, "fid": 0.7, "consistency_error": 0.02,
+                                      "consistency_error_unclipped": 0.0}]]
+    table.with_suffix(".json").write_text(json.dumps({"num_samples": 8, "steps": 10, "results": results,
+                                                       "restoration_samples": 128, "restoration": restored}))
+    doc = tmp_path / "README.md"
+    doc.write_text(f"head\n{er.BEGIN}\nold table\n{er.END}\ntail\n")
+    assert er.main(["--from-json", "--table", str(table), "--update", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith(f"head\n{er.BEGIN}\n") and text.endswith(f"{er.END}\ntail\n") and "old table" not in text
+    assert "-n 8 --steps 10" in text and "| 82.5 " in text and "| 30.82 " not in text and "| 30.80 " in text
+    pnp_row = next(line for line in text.splitlines() if line.startswith("| PnP"))
+    assert "nan" not in pnp_row  # a value the run does not have is an empty cell
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        er.main(["--from-json", "--table", str(table), "--update", str(bare)])
+    assert bare.read_text() == "no markers\n"
