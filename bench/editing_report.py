@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from bench.catalog import METHODS
+from bench.datasets import load_dataset
 from bench.denoiser import CountingDenoiser, sample_seed
 from bench.editing import EDIT_TYPES, EmbeddedEdits
 from bench.restoration import TASKS as RESTORATION_TASKS, EmbeddedRestoration
@@ -48,6 +49,12 @@ RESTORATION = (  # (label, method, options, steps): DDNM at the paper's 100 step
     ("A+ y (pseudo-inverse)", "pseudo-inverse", {}, 1),
     ("DDNM (100 steps)", "ddnm", {}, 100),
 )
+ASYRP_TRAINING = {"optimizer": "adam", "lr": 0.03, "l1_loss_w": 0.3, "lr_step": 10}  # the claims' (methods/asyrp.py)
+ASYRP = tuple((f"Asyrp, strength {s:g}", "asyrp", {**ASYRP_TRAINING, "edit_strength": s}) for s in (0.0, 0.5, 1.0))
+ASYRP_STEPS = 40  # the official n_test_step
+ASYRP_COLUMNS = (("attr acc color (blue)", "attr_acc_color", "{:.3f}"), ("attr acc shape", "attr_acc_shape", "{:.3f}"),
+                 ("attr acc background", "attr_acc_background", "{:.3f}"), ("GT PSNR", "gt_psnr", "{:.2f}"),
+                 ("train steps", "train_steps", "{:.0f}"))
 RESTORATION_COLUMNS = (("PSNR to ground truth", "restore_psnr", "{:.2f}"), ("FID shapes-cnn16", "fid", "{:.3f}"),
                        ("max abs(A(x) - y), stored uint8", "consistency_error", "{:.4f}"),
                        ("same, rounding and clipping allowed", "consistency_error_unclipped", "{:.1e}"))
@@ -109,8 +116,16 @@ README_COLUMNS = ("bg_psnr", "bg_dist_shapes_cnn32", "bg_ssim", "structure_dist_
 BEGIN, END = "<!-- bench.editing_report: begin -->", "<!-- bench.editing_report: end -->"
 
 
+def asyrp_markdown(results: list[tuple[str, dict]], num_samples: int) -> str:
+    rows = [[label, *("" if values.get(key) is None else fmt.format(values[key]) for _, key, fmt in ASYRP_COLUMNS)]
+            for label, values in results]
+    return "\n".join([f"{num_samples} held-out edits of embedded-recolor16 (pixel DDPM, {ASYRP_STEPS} steps; one f_t, "
+                      "trained with the claims' options, shared by the three strengths):", "",
+                      str(md_table(["method", *(h for h, _, _ in ASYRP_COLUMNS)], rows)), ""])
+
+
 def summary_markdown(results: list[tuple[str, dict]], restored: list[tuple[str, dict]], num_samples: int, steps: int,
-                     restoration_samples: int) -> str:
+                     restoration_samples: int, asyrp: list[tuple[str, dict]] | None = None) -> str:
     """The README's two tables: every editor over all edits (the main columns), every restorer over all items."""
     columns = [c for c in COLUMNS if c[1] in README_COLUMNS]
     rows = [[label, *("" if values.get(key) is None or values[key] != values[key]
@@ -120,8 +135,11 @@ def summary_markdown(results: list[tuple[str, dict]], restored: list[tuple[str, 
     rest_rows = [[label, *("" if values.get(key) is None else fmt.format(values[key]) for _, key, fmt in RESTORATION_COLUMNS)]
                  for label, values in restored]
     rest_table = str(md_table(["method", *(h for h, _, _ in RESTORATION_COLUMNS)], rest_rows))
-    return "\n".join([f"{num_samples} edits of embedded-edits, {steps} steps:", "", edit_table, "",
-                      f"{restoration_samples} items of embedded-restoration (the three tasks in turn):", "", rest_table])
+    parts = [f"{num_samples} edits of embedded-edits, {steps} steps:", "", edit_table, "",
+             f"{restoration_samples} items of embedded-restoration (the three tasks in turn):", "", rest_table]
+    if asyrp:
+        parts += ["", asyrp_markdown(asyrp, num_samples).rstrip()]
+    return "\n".join(parts)
 
 
 def update_markers(path: Path, text: str, command: str) -> None:
@@ -179,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", default="reports/figures/editing-grid.png")
     p.add_argument("--restoration-samples", type=int, default=256, help="items of embedded-restoration (FID: >= 128)")
     p.add_argument("--restoration-grid", default="reports/figures/restoration-grid.png")
+    p.add_argument("--asyrp-grid", default="reports/figures/asyrp-grid.png")
     p.add_argument("--update", action="append", default=[], metavar="FILE",
                    help=f"write the summary tables between the {BEGIN} ... {END} markers of FILE (README.md)")
     p.add_argument("--from-json", action="store_true",
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         saved = json.loads(Path(args.table).with_suffix(".json").read_text())
         summary = summary_markdown([tuple(r) for r in saved["results"]], [tuple(r) for r in saved["restoration"]],
-                                   saved["num_samples"], saved["steps"], saved["restoration_samples"])
+                                   saved["num_samples"], saved["steps"], saved["restoration_samples"],
+                                   [tuple(r) for r in saved.get("asyrp", [])])
         for path in args.update:
             update_markers(Path(path), summary, f"python -m bench.editing_report -n {saved['num_samples']} --steps "
                                                 f"{saved['steps']} --update {path}")
@@ -216,15 +236,25 @@ def main(argv: list[str] | None = None) -> int:
         restored.append((label, result.values))
         restored_rows.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
         print(f"{label}: {result.output} (MLflow run {result.run_id})", flush=True)
+    asyrp, asyrp_rows = [], []
+    for label, name, options in ASYRP:
+        spec = RunSpec(method=name, method_args=options, dataset="embedded-recolor16", model="embedded-ddpm",
+                       steps=ASYRP_STEPS, num_samples=args.num_samples,
+                       output=str(Path(args.output_root) / f"recolor-asyrp-{options['edit_strength']:g}"))
+        result = execute(plan_run(spec), tracker, progress=False)
+        asyrp.append((label, result.values))
+        asyrp_rows.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
+        print(f"{label}: {result.output} (MLflow run {result.run_id})", flush=True)
     items = EmbeddedEdits().edits(args.num_samples)
     iou = diffedit_iou(args.num_samples, args.steps)
     text = markdown(results, iou, args.num_samples, args.steps, {t: sum(it.edit_type == t for it in items) for t in EDIT_TYPES})
     text += "\n" + restoration_markdown(restored, args.restoration_samples)
+    text += "\n" + asyrp_markdown(asyrp, args.num_samples)
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     Path(args.table).write_text(text)
     Path(args.table).with_suffix(".json").write_text(json.dumps(
         {"num_samples": args.num_samples, "steps": args.steps, "results": results, "diffedit_iou": iou,
-         "restoration_samples": args.restoration_samples, "restoration": restored}, indent=1) + "\n")
+         "restoration_samples": args.restoration_samples, "restoration": restored, "asyrp": asyrp}, indent=1) + "\n")
     columns = [i for t in EDIT_TYPES for i in [k for k, it in enumerate(items) if it.edit_type == t][:2]]
     grid([("source", np.stack([it.source for it in items])), ("ground-truth target", np.stack([it.target for it in items]))]
          + rows, Path(args.grid), columns)
@@ -233,12 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     grid([("observation A+ y", np.stack([it.source for it in degraded])),
           ("ground truth", np.stack([it.target for it in degraded]))] + restored_rows,
          Path(args.restoration_grid), picks, scale=6)
+    recolor = load_dataset("embedded-recolor16").edits(args.num_samples)
+    grid([("source", np.stack([it.source for it in recolor])), ("ground truth (blue)", np.stack([it.target for it in recolor]))]
+         + asyrp_rows, Path(args.asyrp_grid), list(range(min(12, len(recolor)))), scale=6)
     for path in args.update:
         update_markers(Path(path), summary_markdown(results, restored, args.num_samples, args.steps,
-                                                    args.restoration_samples),
+                                                    args.restoration_samples, asyrp),
                        f"python -m bench.editing_report -n {args.num_samples} --steps {args.steps} --update {path}")
     print(text)
-    print(f"grids: {args.grid}, {args.restoration_grid}")
+    print(f"grids: {args.grid}, {args.restoration_grid}, {args.asyrp_grid}")
     return 0
 
 
