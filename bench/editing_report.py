@@ -215,36 +215,32 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     tracker = Tracker(args.tracking_uri, "diffbench-editing")
     tracker.check()
-    results, rows = [], []
-    for label, name, options in CONFIGS:
-        folder = f"edit-{name}-{'-'.join(map(str, options.values())) or 'default'}"
-        spec = RunSpec(method=name, method_args=options, dataset="embedded-edits", steps=args.steps,
-                       num_samples=args.num_samples, output=str(Path(args.output_root) / folder))
-        plan = plan_run(spec)
-        result = execute(plan, tracker, progress=False)
-        results.append((label, result.values))
-        samples = np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])
-        rows.append((label, samples))
-        print(f"{label}: {result.output} (MLflow run {result.run_id}), "
-              f"{result.values['sampling_seconds']:.0f} s sampling", flush=True)
-    restored, restored_rows = [], []
-    for label, name, options, steps in RESTORATION:
-        spec = RunSpec(method=name, method_args=options, dataset="embedded-restoration", model="embedded-ddpm",
-                       steps=steps, num_samples=args.restoration_samples,
-                       output=str(Path(args.output_root) / f"restore-{name}"))
-        result = execute(plan_run(spec), tracker, progress=False)
-        restored.append((label, result.values))
-        restored_rows.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
-        print(f"{label}: {result.output} (MLflow run {result.run_id})", flush=True)
-    asyrp, asyrp_rows = [], []
-    for label, name, options in ASYRP:
-        spec = RunSpec(method=name, method_args=options, dataset="embedded-recolor16", model="embedded-ddpm",
-                       steps=ASYRP_STEPS, num_samples=args.num_samples,
-                       output=str(Path(args.output_root) / f"recolor-asyrp-{options['edit_strength']:g}"))
-        result = execute(plan_run(spec), tracker, progress=False)
-        asyrp.append((label, result.values))
-        asyrp_rows.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
-        print(f"{label}: {result.output} (MLflow run {result.run_id})", flush=True)
+    root = Path(args.output_root)
+
+    def run(configs, **fields) -> tuple[list[tuple[str, dict]], list[tuple[str, np.ndarray]]]:
+        """Each (label, spec fields) as one MLflow run through `bench run`'s path: its values and its samples."""
+        values, images = [], []
+        for label, spec_fields in configs:
+            result = execute(plan_run(RunSpec(**fields, **spec_fields)), tracker, progress=False)
+            values.append((label, result.values))
+            images.append((label, np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])))
+            print(f"{label}: {result.output} (MLflow run {result.run_id}), {result.values['sampling_seconds']:.0f} s "
+                  "sampling", flush=True)
+        return values, images
+
+    results, rows = run([(label, {"method": name, "method_args": options, "output": str(
+        root / f"edit-{name}-{'-'.join(map(str, options.values())) or 'default'}")}) for label, name, options in CONFIGS],
+        dataset="embedded-edits", steps=args.steps, num_samples=args.num_samples)
+    restored, restored_rows = run([(label, {"method": name, "method_args": options, "steps": steps,
+                                            "output": str(root / f"restore-{name}")})
+                                   for label, name, options, steps in RESTORATION],
+                                  dataset="embedded-restoration", model="embedded-ddpm",
+                                  num_samples=args.restoration_samples)
+    asyrp, asyrp_rows = run([(label, {"method": name, "method_args": options,
+                                      "output": str(root / f"recolor-asyrp-{options['edit_strength']:g}")})
+                             for label, name, options in ASYRP],
+                            dataset="embedded-recolor16", model="embedded-ddpm", steps=ASYRP_STEPS,
+                            num_samples=args.num_samples)
     items = EmbeddedEdits().edits(args.num_samples)
     iou = diffedit_iou(args.num_samples, args.steps)
     text = markdown(results, iou, args.num_samples, args.steps, {t: sum(it.edit_type == t for it in items) for t in EDIT_TYPES})

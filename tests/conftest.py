@@ -33,6 +33,18 @@ def isolated_env(tmp_path_factory):
     os.environ.update(old)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny tensors: faster than two threads fighting over a shared CPU, above
+    all beside another job (restored after the module). Use: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def save_tiny_ddpm(folder: Path, seed: int = 0, flat: bool = False) -> Path:
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel

@@ -31,13 +31,7 @@ def run(model, m, items, steps, seeds=None):
     return m.generate(model, Batch(tuple(seeds), steps, edits=tuple(items)), CountingDenoiser(model.unet, torch.device("cpu")))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two fighting over a shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from methods.sampling import SchedulerSampler, TimestepSpacingArgs, ZeroTerminal
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept context:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),  # tests/conftest.py
 ]
 
 CPU = torch.device("cpu")
@@ -60,13 +61,6 @@ def expected_nfe(name: str, args, steps: int) -> int:
     return steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread, above all beside another job."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
