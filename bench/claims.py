@@ -55,6 +55,7 @@ class PlannedRun:
     calls_per_step: float = 1.0  # denoiser calls per step and sample (2 with guidance, Heun...)
     train_steps: int = 0  # optimizer steps in prepare, from the method's options (0: nothing trained)
     num_samples: int = 0  # the resolved sample count (the spec keeps None for the data set's default)
+    train_key: str | None = None  # runs with the same key share one training (a method whose Args has training())
 
     def sample_calls(self) -> int:
         n = self.spec.num_samples or self.num_samples
@@ -88,7 +89,16 @@ class ClaimPlan:
         return sum(r.sample_calls() for r in self.runs.values())
 
     def estimate_seconds(self) -> float:
-        return sum(r.estimate_seconds() for r in self.runs.values())
+        """Every run's estimate; a training that several runs share (asyrp's f_t across strengths) counted once."""
+        seen: set[str] = set()
+        total = 0.0
+        for r in self.runs.values():
+            total += r.estimate_seconds()
+            if r.train_key is not None:
+                if r.train_key in seen:
+                    total -= r.train_steps * SECONDS_PER_TRAIN_STEP
+                seen.add(r.train_key)
+        return total
 
     def shared(self) -> int:
         """Runs needed by more than one claim."""
@@ -137,11 +147,28 @@ def _train_steps(method_cls: Any, options: Mapping[str, Any]) -> int:
         fields = {f.name: f for f in dataclasses.fields(method_cls.Args)}
     except TypeError:
         return 0
+    planned = getattr(method_cls, "planned_train_steps", None)  # a method whose budget is not one option (asyrp)
+    if planned is not None:
+        return int(planned(method_cls.Args(**{k: v for k, v in options.items() if k in fields})))
     for name in ("train_steps", "max_train_steps", "num_train_steps"):
         if name in fields:
             value = options.get(name, fields[name].default)
             return int(value) if isinstance(value, (int, float)) else 0
     return 0
+
+
+def _train_key(method_cls: Any, options: Mapping[str, Any], spec: RunSpec) -> str | None:
+    """What identifies the training of a method whose Args say which options define it (``training()``), so that
+    runs differing only in inference options share one training in the estimate; None for every other method."""
+    import dataclasses
+
+    args_cls = getattr(method_cls, "Args", None)
+    if method_cls is None or not hasattr(args_cls, "training"):
+        return None
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    training = args_cls(**{k: v for k, v in options.items() if k in names}).training()
+    return stable_hash({"method": spec.method, "model": spec.model, "dataset": spec.dataset, "seed": spec.seed,
+                        "training": training})
 
 
 def _calls_per_step(method_cls: Any, options: Mapping[str, Any]) -> float:
@@ -205,7 +232,7 @@ def plan_claims(claims: Sequence[ClaimRef], quick: bool = False, base: RunSpec |
                     opts = arm_options(arm, quick)
                     runs[key] = PlannedRun(key, spec, _calls_per_step(cls, opts) if cls else 1.0,
                                            _train_steps(cls, opts) if cls else 0,
-                                           _resolve_num_samples(spec, cls))
+                                           _resolve_num_samples(spec, cls), _train_key(cls, opts, spec))
                 keyed.append((seed, key))
             per_arm.append(keyed)
         if ref.qualified in arms:

@@ -242,3 +242,18 @@ def test_update_without_markers_is_bad_input_before_any_run(tmp_path):
     page = tmp_path / "notes.md"
     page.write_text("no markers\n", encoding="utf-8")
     assert main(["claims", "--method", "ddim", "--quick", "--update", str(page)]) == 2
+
+
+def test_a_training_shared_across_arms_is_estimated_once():
+    """asyrp's claims run three strengths over one trained f_t (the cache key leaves the strength out): the plan
+    counts its optimizer steps (planned_train_steps: passes x batches x timesteps >= t_edit) once, not per run."""
+    from bench.claims import SECONDS_PER_TRAIN_STEP, plan_claims, select_claims
+
+    plan = plan_claims(select_claims(["asyrp"]), quick=True)
+    runs = list(plan.runs.values())
+    assert len(runs) == 3 and len({r.train_key for r in runs}) == 1 and runs[0].train_key is not None
+    assert [r.train_steps for r in runs] == [10 * 2 * 5] * 3  # quick: 10 passes x 16/8 batches x 5 timesteps >= 500
+    per_run = sum(r.estimate_seconds() for r in runs)
+    assert plan.estimate_seconds() == pytest.approx(per_run - 2 * 100 * SECONDS_PER_TRAIN_STEP)
+    ddim = plan_claims(select_claims(["ddim"]), quick=True)
+    assert all(r.train_key is None for r in ddim.runs.values())  # nothing trained, nothing shared
