@@ -29,8 +29,8 @@ from bench.errors import BenchError
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
 from bench.restoration import TASKS, Operators, stored_interval
+from metrics.editing import PSNR_MSE_FLOOR, psnr  # the editing metrics' PSNR: identical images give 100 dB
 
-PSNR_MSE_FLOOR = 1e-10  # metrics.editing's: identical images give 100 dB
 
 
 def _float01(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -74,9 +74,8 @@ class Restoration(Metric):
             ops = Operators(items, tuple(x.shape[-2:]))
             truth = _float01(np.stack([it.target for it in items])).permute(0, 3, 1, 2)
             source = _float01(np.stack([it.source for it in items])).permute(0, 3, 1, 2)
-            mse = (x - truth).pow(2).flatten(1).mean(1)
             lo, hi = stored_interval(chunk)
-            return {"psnr": 10 * torch.log10(1.0 / mse.clamp_min(PSNR_MSE_FLOOR)),
+            return {"psnr": psnr(x, truth),
                     "consistency": ops.consistency(x, source), "unclipped": ops.interval_distance(lo, hi, source)}
 
         values = ctx.map_samples(per_sample, 256)
