@@ -6,8 +6,9 @@ A method declares its claims (``Method.claims``, bench/claim.py). ``bench claims
    count and seeds). Identical specs, within a claim or across claims, are one run.
 2. **reuse**: a run whose protocol hash (bench/runner.plan_run) matches a FINISHED MLflow run of the experiment
    is not made again; its metrics are read back.
-3. **run**: the missing runs go through the normal runner (``plan_run`` + ``execute``), each one an MLflow run
-   tagged ``diffbench_claims``; a run that fails is reported, and the claims that needed it are "not measured".
+3. **run**: the missing runs go through an executor (bench/executors.py: in this process, on Ray or as Slurm
+   jobs) and the normal runner (``plan_run`` + ``execute``), each one an MLflow run tagged ``diffbench_claims``; a
+   run that fails (after its retries) is reported, and the claims that needed it are "not measured".
 4. **decide**: each claim by its relation and tolerance rule over the seeds (``decide``), one verdict: holds,
    does not hold, not measured (with the reason).
 5. **record**: one MLflow run named ``claims`` per invocation with a tag per claim (``claim.<method>.<id>``) and
@@ -476,27 +477,32 @@ class Execution:
 
 
 def execute_plan(plan: ClaimPlan, tracker, progress: bool = True, log: Callable[[str], None] | None = None,
-                 reuse: bool = True) -> Execution:
-    """Reuse or make every run of ``plan`` (in-process, through the normal runner); failures are recorded, not
-    raised, so the other claims are still decided."""
-    from bench.runner import execute, plan_run
+                 reuse: bool = True, executor=None) -> Execution:
+    """Reuse or make every run of ``plan``; failures are recorded, not raised, so the other claims are still decided.
+
+    Every run is planned here and looked up in the store (reuse); the runs to make go through ``executor``
+    (bench.executors; None: in this process, one after another).
+    """
+    from bench.executors import DEFAULT_RETRIES, ExecutorConfig, LocalExecutor, new_token, task_for
+    from bench.runner import plan_run
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    executor = executor or LocalExecutor(ExecutorConfig(retries=DEFAULT_RETRIES), log)
     out = Execution()
     t0 = time.perf_counter()
     done_by_hash: dict[str, str] = {}
+    same_as: dict[str, str] = {}  # run key -> the key of the run of the same protocol (defaults spelled out)
+    tasks, labels = [], {}
+    token = new_token()
     total = len(plan.runs)
     for i, (key, run) in enumerate(plan.runs.items(), 1):
         spec = run.spec
-        label = f"[{i}/{total}] {spec.method} {json.dumps(dict(spec.method_args), sort_keys=True)} " \
-                f"{spec.steps} steps seed {spec.seed}"
+        what = f"{spec.method} {json.dumps(dict(spec.method_args), sort_keys=True)} {spec.steps} steps seed {spec.seed}"
+        label = labels[key] = f"[{i}/{total}] {what}"
         try:
             p = plan_run(spec)
-            if p.protocol_hash in done_by_hash:  # two specs, one protocol (defaults spelled out)
-                other = done_by_hash[p.protocol_hash]
-                out.results[key] = out.results.get(other, {})
-                if other in out.run_ids:
-                    out.run_ids[key] = out.run_ids[other]
+            if p.protocol_hash in done_by_hash:  # two specs, one protocol
+                same_as[key] = done_by_hash[p.protocol_hash]
                 continue
             found = finished_run(tracker, p.protocol_hash) if reuse else None
             if found is not None:
@@ -505,19 +511,28 @@ def execute_plan(plan: ClaimPlan, tracker, progress: bool = True, log: Callable[
                 out.reused += 1
                 log(f"{label}: reused MLflow run {found.info.run_id[:12]} (protocol {p.protocol_hash[:12]})")
             else:
-                log(f"{label}: running (n={p.spec.num_samples}, est. {run.estimate_seconds():.0f} s)")
-                result = execute(p, tracker, progress=progress, extra_tags={CLAIMS_RUN_TAG: "run"})
-                out.results[key] = dict(result.values) if result else {}
-                if result and result.run_id:
-                    out.run_ids[key] = result.run_id
-                out.made += 1
+                log(f"{label}: to make (n={p.spec.num_samples}, est. {run.estimate_seconds():.0f} s)")
+                tasks.append(task_for(p, key, what, tracker.uri, token, {CLAIMS_RUN_TAG: "run"}, progress))
             done_by_hash[p.protocol_hash] = key
         except KeyboardInterrupt:
             raise
-        except Exception as exc:  # a failed run: its claims are "not measured", the others go on
+        except Exception as exc:  # a run that cannot be planned: its claims are "not measured", the others go on
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             out.errors[key] = f"{type(exc).__name__}: {first}" if not isinstance(exc, BenchError) else first
             log(f"{label}: FAILED ({out.errors[key]})")
+    for key, outcome in executor.run(tasks).items():
+        if outcome.ok:
+            out.results[key] = dict(outcome.result["values"])
+            if outcome.result["run_id"]:
+                out.run_ids[key] = outcome.result["run_id"]
+            out.made += 1
+        else:
+            out.errors[key] = outcome.error
+            log(f"{labels[key]}: FAILED after {outcome.attempts} attempt(s) ({outcome.error})")
+    for key, other in same_as.items():
+        for found in (out.results, out.run_ids, out.errors):
+            if other in found:
+                found[key] = found[other]
     out.seconds = time.perf_counter() - t0
     return out
 

@@ -11,6 +11,7 @@ from a suite file (YAML) of the same shape::
       - {method: ddim, steps: [50], method_args: {eta: 1.0}}
       - {method: ddpm, steps: [1000], seeds: 1}  # an entry may set its own seeds
       - {name: ddim-fast, method: ddim, steps: 10}  # a named cell: one method, one step count
+    executor: {retries: 3, slurm: {partition: gpu, gpus_per_node: 1, time: 60}}  # optional (bench/executors.py)
 
 Every cell is one ``bench run`` (one MLflow run, tagged with the sweep's name and
 the cell's key); the summary is a pandas table with the mean and a 95% t-interval
@@ -64,10 +65,11 @@ class Suite:
     defaults: dict[str, Any]
     cells: list[Cell]
     regression: dict[str, float] = field(default_factory=dict)  # metric -> relative tolerance (bench nightly)
+    executor: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields (bench.executors.suite_options)
 
 
 GRID_KEYS = {"name", "method", "steps", "method_args", "seeds"}
-SUITE_KEYS = {"name", "defaults", "seeds", "grid", "regression"}
+SUITE_KEYS = {"name", "defaults", "seeds", "grid", "regression", "executor"}
 
 
 def check_seeds(seeds: Any, where: str) -> list[int]:
@@ -146,8 +148,12 @@ def load_suite(path: str | Path) -> Suite:
         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in regression.values()
     ):
         raise BenchError(f"suite {p}: 'regression' maps metric names to relative tolerances >= 0, e.g. {{fid: 0.1}}")
+    from bench.executors import executor_config, suite_options
+
+    executor = suite_options(data.get("executor") or {}, f"suite {p}")
+    executor_config({}, executor, f"suite {p}")  # its values checked now, whichever executor runs the suite
     return Suite(str(data.get("name", p.stem)), defaults, grid_cells(data["grid"], seeds),
-                 {str(k): float(v) for k, v in regression.items()})
+                 {str(k): float(v) for k, v in regression.items()}, executor)
 
 
 def cell_spec(base: RunSpec, cell: Cell, sweep_name: str) -> RunSpec:
@@ -259,26 +265,51 @@ def plan_cells(name: str, base: RunSpec, cells: Sequence[Cell]) -> list[tuple[Ce
     return [(cell, plan_run(cell_spec(base, cell, name))) for cell in cells]
 
 
-def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, out: Path,
-              progress: bool = True) -> list[dict[str, Any]]:
-    """Execute planned cells one by one; one row per run, kept current in OUT/runs.csv."""
+def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, out: Path, executor,
+              progress: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every planned cell through ``executor`` (bench.executors); returns (rows, failures), both in cell order.
+
+    One row per finished run, kept current in OUT/runs.csv as results arrive (nothing is lost on a crash); a
+    cell that failed (after its retries) is one line on stderr and one row of OUT/failures.csv, and never stops
+    the others.
+    """
+    import sys
+
     import pandas as pd
 
-    from bench.runner import execute
+    from bench.executors import new_token, task_for
 
-    rows = []
-    for i, (cell, plan) in enumerate(plans, 1):
+    token = new_token()
+    tasks, cells = [], {}
+    for i, (cell, plan) in enumerate(plans):
         what = f"{cell.name} = " if cell.name else ""
-        print(f"[{i}/{len(plans)}] {what}{cell.label()} {cell.steps} steps, seed {cell.seed}", flush=True)
-        result = execute(plan, tracker, progress=progress,
-                         extra_tags={"sweep": name, "sweep_id": sid, "sweep_cell": cell.key()})
-        rows.append({"cell": cell.key(), "config": cell.label(), "method": cell.method, "steps": cell.steps,
-                     "model": plan.model.name, "dataset": plan.spec.dataset,
-                     "seed": cell.seed, "method_args": canonical_json(dict(plan.spec.method_args)),
-                     "run_id": result.run_id, "protocol_hash": plan.protocol_hash,
-                     "eval_protocol_hash": plan.eval_protocol_hash, "output": str(result.output), **result.values})
-        pd.DataFrame(rows).to_csv(out / "runs.csv", index=False)  # kept current: nothing is lost on a crash
-    return rows
+        key = f"{cell.key()} seed {cell.seed}"  # unique: grid_cells refuses a cell twice
+        cells[key] = i, cell
+        tasks.append(task_for(plan, key, f"{what}{cell.label()} {cell.steps} steps, seed {cell.seed}", tracker.uri,
+                              token, {"sweep": name, "sweep_id": sid, "sweep_cell": cell.key()}, progress))
+    rows: dict[int, dict[str, Any]] = {}
+    failures: dict[int, dict[str, Any]] = {}
+
+    def on_result(task, outcome) -> None:
+        i, cell = cells[task.key]
+        config = {"cell": cell.key(), "config": cell.label(), "method": cell.method, "steps": cell.steps}
+        if outcome.ok:
+            r = outcome.result
+            rows[i] = {**config, "model": r["model"], "dataset": r["dataset"], "seed": cell.seed,
+                       "method_args": r["method_args"], "run_id": r["run_id"], "protocol_hash": r["protocol_hash"],
+                       "eval_protocol_hash": r["eval_protocol_hash"], "output": r["output"], **r["values"]}
+            pd.DataFrame([rows[k] for k in sorted(rows)]).to_csv(out / "runs.csv", index=False)
+        else:
+            print(f"bench: cell {task.label} failed after {outcome.attempts} attempt(s): {outcome.error}",
+                  file=sys.stderr, flush=True)
+            failures[i] = {**config, "seed": cell.seed, "attempts": outcome.attempts, "error": outcome.error,
+                           "output": task.spec["output"]}
+            pd.DataFrame([failures[k] for k in sorted(failures)]).to_csv(out / "failures.csv", index=False)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "failures.csv").unlink(missing_ok=True)  # a rerun into the same folder: only this run's failures
+    executor.run(tasks, on_result)
+    return [rows[k] for k in sorted(rows)], [failures[k] for k in sorted(failures)]
 
 
 def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], rows: list[dict[str, Any]], out: Path):
@@ -289,7 +320,7 @@ def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], row
     summary.to_csv(out / "table.csv", index=False)
     table = format_table(summary)
     (out / "table.md").write_text(table + "\n")
-    meta = {"name": name, "sweep_id": sid, "base": base.to_dict(), "cells": len(cells),
+    meta = {"name": name, "sweep_id": sid, "base": base.to_dict(), "cells": len(cells), "runs": len(rows),
             "eval_protocol_hashes": sorted({r["eval_protocol_hash"] for r in rows})}
     (out / "sweep.json").write_text(json.dumps(meta, indent=2) + "\n")
     if "fid" in summary and "nfe" in summary:

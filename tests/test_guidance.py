@@ -201,6 +201,6 @@ def test_sweep_method_option_comma_list_spans_the_grid():
 
     argv = ["sweep", "--method", "cfg", "--guidance", "1,2,4,8", "--scheduler", "ddim"]
     args = build_parser(argv).parse_args(argv)
-    _, base, cells = build(args, {"cfg": ["scheduler", "guidance"]})
+    _, base, cells, _ = build(args, {"cfg": ["scheduler", "guidance"]})
     assert [c.method_args["guidance"] for c in cells] == [1.0, 2.0, 4.0, 8.0]
     assert {c.steps for c in cells} == {base.steps} and all(c.method_args["scheduler"] == "ddim" for c in cells)

@@ -18,6 +18,7 @@ def add_parser(sub, argv: list[str]) -> None:
         "missing ones with the normal runner, prints one verdict per claim (holds, does not hold, not measured) with "
         "the values and 95% intervals over seeds, and records the verdicts as an MLflow run named 'claims'. "
         "Examples: bench claims --quick --plan; bench claims --method ddim --quick; bench claims --markdown. "
+        "The runs are made in this process, on Ray or as Slurm jobs (--executor; docs/scale.md). "
         "Exit code: 0 when every claim was measured (whatever its verdict), 1 if a run failed, 2 on bad input.",
     )
     p.add_argument("--method", action="append", metavar="M", type=options.comma_list,
@@ -40,6 +41,7 @@ def add_parser(sub, argv: list[str]) -> None:
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     p.add_argument("--output", default="bench-runs/claims", help="folder of the claims table (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    options.add_executor_options(p)
     p.set_defaults(func=run)
 
 
@@ -74,9 +76,11 @@ def run(args) -> int:
     from bench.claims import (UNMEASURED, execute_plan, format_plan, format_table, markdown_table, plan_claims,
                               record, select_claims)
     from bench.errors import BenchError
+    from bench.executors import executor_config, make_executor, warn_if_local_store
     from bench.spec import RunSpec
     from bench.tracking import Tracker
 
+    config = executor_config(options.executor_values(args))
     methods = [m for group in (args.method or []) for m in group]
     refs = select_claims(methods or None)
     wanted = [c for group in (args.claim or []) for c in group]
@@ -101,7 +105,13 @@ def run(args) -> int:
         return 0
     tracker = Tracker(args.tracking_uri, base.experiment)
     tracker.check()
-    execution = execute_plan(plan, tracker, progress=not args.no_progress, reuse=not args.no_reuse)
+    warn_if_local_store(config, tracker.uri)
+
+    def log(line: str) -> None:  # on stderr: stdout holds the verdicts alone (--markdown)
+        print(line, file=sys.stderr, flush=True)
+
+    execution = execute_plan(plan, tracker, progress=not args.no_progress, log=log, reuse=not args.no_reuse,
+                             executor=make_executor(config, Path(args.output), log))
     from bench.claims import judge
 
     verdicts = judge(plan, execution.results, execution.errors, execution.run_ids)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bench.cli import options
-from bench.errors import EXIT_REGRESSION, BenchError
+from bench.errors import EXIT_INTERNAL, EXIT_REGRESSION, BenchError
 
 
 def add_parser(sub, argv: list[str]) -> None:
@@ -18,7 +18,8 @@ def add_parser(sub, argv: list[str]) -> None:
         "and compare it with the baseline file: a metric regressed if its mean is worse than the baseline's "
         "by more than max(tolerance x baseline, root-sum-square of the two 95%% CI half-widths); tolerances "
         "come from the suite's `regression:` map. Writes comparison.md/json, the sweep table and an HTML "
-        "report. Exit 0: no regression; 3: a regression (named on stderr); 2: no or incompatible baseline. "
+        "report. Exit 0: no regression; 3: a regression (named on stderr); 1: a cell failed (the others are "
+        "compared; no baseline is written); 2: no or incompatible baseline. "
         "Example: bench nightly --suite suites/nightly.yaml",
     )
     p.add_argument("--suite", required=True, metavar="FILE", help="YAML suite (see suites/nightly.yaml)")
@@ -30,6 +31,7 @@ def add_parser(sub, argv: list[str]) -> None:
                    "(default: bench-runs/nightly-<suite>-<time>)")
     p.add_argument("--report", metavar="FILE", help="HTML report path (default: OUT/report.html)")
     options.add_spec_options(p)
+    options.add_executor_options(p)
     p.set_defaults(func=run)
 
 
@@ -63,11 +65,13 @@ def write_report(tracker, name: str, sid: str, rows, sections, path: Path) -> st
 
 def run(args) -> int:
     from bench import nightly
+    from bench.executors import executor_config, make_executor, warn_if_local_store
     from bench.spec import load_spec_file, resolve_spec
     from bench.sweep import load_suite, plan_cells, run_cells, sweep_id, write_summary
     from bench.tracking import Tracker
 
     suite = load_suite(args.suite)
+    config = executor_config(options.executor_values(args), suite.executor, f"suite {args.suite}")
     baseline_path = Path(args.baseline) if args.baseline else default_baseline(args.suite)
     baseline = None if args.update_baseline and not baseline_path.exists() else nightly.load_baseline(baseline_path)
     file_values = load_spec_file(args.config) if args.config else {}
@@ -82,9 +86,15 @@ def run(args) -> int:
     if baseline and not args.update_baseline:  # fail before sampling, not after
         nightly.check_protocols(baseline, {cell.key(): plan.eval_protocol_hash for cell, plan in plans})
     out.mkdir(parents=True, exist_ok=True)
-    print(f"diffbench nightly {suite.name!r}: {len(plans)} runs, baseline {baseline_path}; results in {out}", flush=True)
+    print(f"diffbench nightly {suite.name!r}: {len(plans)} runs, baseline {baseline_path}, executor {config.name}; "
+          f"results in {out}", flush=True)
+    warn_if_local_store(config, tracker.uri)
     start = time.perf_counter()
-    rows = run_cells(suite.name, sid, plans, tracker, out, progress=not args.no_progress)
+    rows, failures = run_cells(suite.name, sid, plans, tracker, out, make_executor(config, out),
+                               progress=not args.no_progress)
+    if not rows:
+        print(f"nightly {suite.name}: no cell finished; {len(failures)} failed (errors: {out / 'failures.csv'})")
+        return EXIT_INTERNAL
     _, table = write_summary(suite.name, sid, base, suite.cells, rows, out)
     print(table)
     current = nightly.cell_summaries(rows, sorted(set(tolerances) | {"fid", "kid_mean", "nfe", "latency_per_image_ms"}))
@@ -106,15 +116,20 @@ def run(args) -> int:
     print(write_report(tracker, suite.name, sid, rows, sections, Path(args.report) if args.report else out / "report.html"))
     if comparisons:
         print(section_md)
+    failed = f"; {len(failures)} run{'s' * (len(failures) != 1)} failed (errors: {out / 'failures.csv'})" \
+        if failures else ""
+    if args.update_baseline and failures:
+        print(f"baseline not updated: it would miss the failed runs{failed}", file=sys.stderr)
+        return EXIT_INTERNAL
     if args.update_baseline:
         nightly.write_json(baseline_path, nightly.baseline_document(suite.name, current, tolerances, environment(plans)))
         print(f"baseline updated: {baseline_path} ({len(current)} cells); review and commit it")
         return 0
     bad = nightly.regressions(comparisons)
     print(f"nightly {suite.name}: {len(rows)} runs in {time.perf_counter() - start:.0f} s; "
-          f"{len(bad)} regression{'s' * (len(bad) != 1)}")
+          f"{len(bad)} regression{'s' * (len(bad) != 1)}{failed}")
     if bad:
         for c in bad:
             print(f"bench: regression: {c.line()}", file=sys.stderr)
-        return EXIT_REGRESSION
-    return 0
+        return EXIT_REGRESSION  # a regression outranks a failed cell: it is what a nightly is for
+    return EXIT_INTERNAL if failures else 0

@@ -186,3 +186,39 @@ def methods_named(argv: list[str], default: str) -> tuple[str, ...]:
             value = load_spec_file(config).get("method")
             value = value if isinstance(value, str) else None  # not a name: RunSpec refuses it in one line
     return tuple(m.strip() for m in (value or default).split(",") if m.strip())
+
+
+def add_executor_options(p: argparse.ArgumentParser) -> None:
+    """--executor and its options (bench/executors.py; docs/scale.md), shared by sweep, nightly and claims."""
+    from bench.executors import DEFAULT_RETRIES, EXECUTORS, SLURM_CLUSTERS
+
+    g = p.add_argument_group("executor: where the runs are made (CLI > the suite's 'executor:' > defaults)")
+    g.add_argument("--executor", dest="x_name", choices=EXECUTORS,
+                   help="local: in this process, one after another (default); ray: each run a Ray task; slurm: "
+                   "each run a job of a Slurm job array (submitit)")
+    g.add_argument("--retries", dest="x_retries", type=non_negative_int,
+                   help=f"attempts after the first for a run that crashed or was killed; a retry resumes it "
+                   f"(default: {DEFAULT_RETRIES}; bad input is never retried)")
+    g.add_argument("--ray-address", dest="x_ray_address", metavar="ADDRESS",
+                   help="a running Ray cluster (ray://host:10001, host:6379 or auto; default: a local instance)")
+    g.add_argument("--ray-cpus", dest="x_ray_cpus", type=positive_int, metavar="N",
+                   help="CPUs of the local Ray instance (default: all)")
+    g.add_argument("--cpus-per-cell", dest="x_cpus_per_cell", type=positive_int, metavar="N",
+                   help="CPUs (torch threads) of each Ray task (default: 1)")
+    g.add_argument("--slurm-cluster", dest="x_slurm_cluster", choices=SLURM_CLUSTERS,
+                   help="submitit's cluster: slurm, local (local processes) or debug (this process); "
+                   "default: what submitit detects")
+    g.add_argument("--slurm-partition", dest="x_slurm_partition", metavar="NAME", help="Slurm partition")
+    g.add_argument("--slurm-gpus-per-node", dest="x_slurm_gpus_per_node", type=non_negative_int, metavar="N",
+                   help="GPUs of each job (default: 1 for runs on cuda, else 0)")
+    g.add_argument("--slurm-cpus-per-task", dest="x_slurm_cpus_per_task", type=positive_int, metavar="N",
+                   help="CPUs of each job (its torch threads)")
+    g.add_argument("--slurm-time", dest="x_slurm_time", type=positive_int, metavar="MINUTES",
+                   help="time limit of each job in minutes")
+    g.add_argument("--slurm-array-parallelism", dest="x_slurm_array_parallelism", type=positive_int, metavar="N",
+                   help="jobs of the array running at once")
+
+
+def executor_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The ExecutorConfig fields given on the command line (None where not given)."""
+    return {k[2:]: v for k, v in vars(args).items() if k.startswith("x_")}

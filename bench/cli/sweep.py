@@ -7,7 +7,7 @@ import itertools
 from pathlib import Path
 
 from bench.cli import options
-from bench.errors import BenchError
+from bench.errors import EXIT_INTERNAL, BenchError
 from bench.spec import RunSpec, load_spec_file, resolve_spec
 
 
@@ -29,6 +29,7 @@ def add_parser(sub, argv: list[str]) -> None:
     p.add_argument("--suite", metavar="FILE", help="YAML suite (name, defaults, seeds, grid); see bench/sweep.py")
     p.add_argument("--out", help="folder for table.csv, table.md and fid_vs_nfe.png (default: bench-runs/sweep-<id>)")
     options.add_spec_options(p)
+    options.add_executor_options(p)
     is_sweep = argv[:1] == ["sweep"]
     methods = options.methods_named(argv, RunSpec().method) if is_sweep else ()
     dests: dict[str, list[str]] = {}
@@ -51,7 +52,8 @@ def _method_fields(method: str) -> list[str]:
 
 
 def build(args, dests: dict[str, list[str]]):
-    from bench.sweep import Cell, Suite, grid_cells, load_suite
+    """The sweep's name, base spec, cells and the suite's executor options ({} for a grid on the command line)."""
+    from bench.sweep import grid_cells, load_suite
 
     file_values = load_spec_file(args.config) if args.config else {}
     cli = options.spec_values(args)
@@ -60,7 +62,7 @@ def build(args, dests: dict[str, list[str]]):
             raise BenchError("--suite defines the grid; do not combine it with --method, --steps or --seeds")
         suite = load_suite(args.suite)
         base = resolve_spec(cli, {**suite.defaults, **file_values})
-        return suite.name, base, suite.cells
+        return suite.name, base, suite.cells, suite.executor
     if not args.method:
         raise BenchError("bench sweep needs --method (or --suite FILE)")
     given = {d: getattr(args, f"m_{d}") for ds in dests.values() for d in ds if getattr(args, f"m_{d}", None) is not None}
@@ -74,14 +76,16 @@ def build(args, dests: dict[str, list[str]]):
         for values in itertools.product(*axes.values()):  # method options given as comma lists span the grid
             margs = dict(zip(axes, values))
             cells += grid_cells([{"method": method, "steps": list(args.steps), "method_args": margs}], seeds)
-    return "sweep", base, cells
+    return "sweep", base, cells, {}
 
 
 def run(args, dests: dict[str, list[str]]) -> int:
+    from bench.executors import executor_config, make_executor, warn_if_local_store
     from bench.sweep import plan_cells, run_cells, sweep_id, write_summary
     from bench.tracking import Tracker
 
-    name, base, cells = build(args, dests)
+    name, base, cells, suite_executor = build(args, dests)
+    config = executor_config(options.executor_values(args), suite_executor, f"suite {args.suite}")
     tracker = Tracker(args.tracking_uri, base.experiment)
     tracker.check()
     sid = sweep_id(base, cells)
@@ -98,8 +102,13 @@ def run(args, dests: dict[str, list[str]]) -> int:
     check_writable(out, "--out")  # before any cell runs
     resolved = sorted({(plan.spec.dataset, plan.spec.num_samples) for _, plan in plans})  # after method defaults
     datasets = ", ".join(f"{n} samples of {d}" for d, n in resolved)
-    print(f"diffbench sweep {name!r}: {len(plans)} runs, {datasets} each; results in {out}")
-    rows = run_cells(name, sid, plans, tracker, out, progress=not args.no_progress)
+    print(f"diffbench sweep {name!r}: {len(plans)} runs, {datasets} each, executor {config.name}; results in {out}")
+    warn_if_local_store(config, tracker.uri)
+    rows, failures = run_cells(name, sid, plans, tracker, out, make_executor(config, out),
+                               progress=not args.no_progress)
+    if not rows:
+        print(f"no cell finished: {len(failures)} failed (their errors: {out / 'failures.csv'})")
+        return EXIT_INTERNAL
     _, table = write_summary(name, sid, base, cells, rows, out)
     print(table)
     print(f"table: {out / 'table.md'}  plot: {out / 'fid_vs_nfe.png'}")
@@ -109,4 +118,8 @@ def run(args, dests: dict[str, list[str]]) -> int:
         if plot_option_tradeoff(rows, option, out / f"tradeoff_{option}.png",
                                 f"{name}: metrics vs {option} ({datasets})"):
             print(f"trade-off plot: {out / f'tradeoff_{option}.png'}")
+    if failures:
+        print(f"{len(failures)} of {len(plans)} runs failed; the table summarises the {len(rows)} others "
+              f"(errors: {out / 'failures.csv'})")
+        return EXIT_INTERNAL
     return 0
