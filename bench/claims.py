@@ -512,7 +512,7 @@ def execute_plan(plan: ClaimPlan, tracker, progress: bool = True, log: Callable[
                 log(f"{label}: reused MLflow run {found.info.run_id[:12]} (protocol {p.protocol_hash[:12]})")
             else:
                 log(f"{label}: to make (n={p.spec.num_samples}, est. {run.estimate_seconds():.0f} s)")
-                tasks.append(task_for(p, key, what, tracker.uri, token, {CLAIMS_RUN_TAG: "run"}, progress))
+                tasks.append(task_for(p, key, what, tracker, token, {CLAIMS_RUN_TAG: "run"}, progress))
             done_by_hash[p.protocol_hash] = key
         except KeyboardInterrupt:
             raise

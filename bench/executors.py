@@ -167,6 +167,7 @@ class Task:
     spec: dict[str, Any]  # the run's resolved RunSpec (RunSpec.to_dict), its output folder absolute
     protocol_hash: str  # the driver's: a worker that computes another one has other code or weights
     tracking_uri: str  # absolute: the same store from every worker's working directory
+    experiment: str  # the command's MLflow experiment
     token: str  # the invocation's: a task finding it in its output folder is a retry, and resumes
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep, sweep_cell, ...)
     progress: bool = False
@@ -201,12 +202,12 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def task_for(plan, key: str, label: str, tracking_uri: str, token: str, tags: Mapping[str, str] | None = None,
+def task_for(plan, key: str, label: str, tracker, token: str, tags: Mapping[str, str] | None = None,
              progress: bool = False) -> Task:
-    """The task of a planned run (bench.runner.Plan)."""
+    """The task of a planned run (bench.runner.Plan), recorded in ``tracker``'s store and experiment."""
     spec = plan.spec.replace(output=str(Path(plan.output).resolve()))
-    return Task(key, label, spec.to_dict(), plan.protocol_hash, absolute_uri(tracking_uri), token, dict(tags or {}),
-                progress)
+    return Task(key, label, spec.to_dict(), plan.protocol_hash, absolute_uri(tracker.uri), tracker.experiment, token,
+                dict(tags or {}), progress)
 
 
 def _starts(folder: Path, token: str) -> bool:
@@ -248,7 +249,7 @@ def run_task(task: Task) -> dict[str, Any]:
             raise BenchError(f"{task.label}: this worker computes protocol {plan.protocol_hash[:12]}, the command "
                              f"planned {task.protocol_hash[:12]}: it has other code, packages or weights")
         retry = _starts(plan.output, task.token)
-        result = execute(plan, Tracker(task.tracking_uri, spec.experiment), progress=task.progress,
+        result = execute(plan, Tracker(task.tracking_uri, task.experiment), progress=task.progress,
                          extra_tags=task.tags, resume=retry)
     except BenchError as exc:
         return {"error": str(exc)}

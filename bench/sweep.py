@@ -285,8 +285,9 @@ def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, o
         what = f"{cell.name} = " if cell.name else ""
         key = f"{cell.key()} seed {cell.seed}"  # unique: grid_cells refuses a cell twice
         cells[key] = i, cell
-        tasks.append(task_for(plan, key, f"{what}{cell.label()} {cell.steps} steps, seed {cell.seed}", tracker.uri,
-                              token, {"sweep": name, "sweep_id": sid, "sweep_cell": cell.key()}, progress))
+        label = f"{what}{cell.label()} {cell.steps} steps, seed {cell.seed}"
+        tasks.append(task_for(plan, key, label, tracker, token, {"sweep": name, "sweep_id": sid,
+                                                                 "sweep_cell": cell.key()}, progress))
     rows: dict[int, dict[str, Any]] = {}
     failures: dict[int, dict[str, Any]] = {}
 
