@@ -315,7 +315,9 @@ def peak_memory(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
-OVERLAP_FEATURES: bool | None = None  # extract on a background thread while the next batch samples; None: on CUDA
+# extract a batch's features on a background thread while the next batch samples; None: on CUDA only (on a CPU the
+# cores are busy sampling, and the thread's metric_threads() settings would race with the sampling's)
+OVERLAP_FEATURES: bool | None = None
 
 
 class _ShardWriter:
@@ -403,9 +405,10 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    overlap = OVERLAP_FEATURES if overlap is None else overlap
+    if overlap is None:
+        overlap = device.type == "cuda" if OVERLAP_FEATURES is None else OVERLAP_FEATURES
     writer = _ShardWriter(ShardStore(plan.output, plan.protocol_hash), plan.sample_features if batches else (),
-                          device, device.type == "cuda" if overlap is None else overlap)
+                          device, overlap)
     denoiser = CountingDenoiser(plan.model.unet, device)
     made: dict[int, tuple[None, ShardRecord]] = {}
     total = sum(len(range(*batch_range(spec, k))) for k in batches)
