@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch_fidelity.utils
 
+from bench import reuse
 from bench.extractors import ensure_registered
 from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
@@ -254,11 +255,13 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def load_cached(path: Path) -> torch.Tensor | None:
+    """Cached features (read once per process while the file is unchanged, then shared: bench.reuse), or None."""
     if not path.exists():
         return None
     try:
         # copied out of the memory map: another run may replace the cache file while this one still uses it
-        return load_file(str(path))["features"].clone()
+        return reuse.shared(("features", reuse.files_signature([path])),
+                            lambda: load_file(str(path))["features"].clone())
     except (SafetensorError, KeyError, OSError):  # a damaged cache entry is recomputed, never trusted
         return None
 
