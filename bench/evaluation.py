@@ -11,11 +11,10 @@ extractor batches, so both give the same bytes.
 from __future__ import annotations
 
 import os
-import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 import torch_fidelity.utils
 
 from bench import reuse
-from bench.extractors import ensure_registered
+from bench.extractors import EXTRACTORS, ensure_registered
 from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
 from bench.spec import RunSpec, canonical_json, stable_hash
@@ -110,43 +109,39 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-_EXTRACTORS: dict[tuple[str, str, str], Any] = {}
-_EXTRACTORS_LOCK = threading.Lock()  # the runner's feature thread and the main thread may ask at once
-
-
 def feature_extractor(name: str, layer: str, device: torch.device):
-    """torch-fidelity's extractor ``name`` for ``layer`` on ``device``'s type, created once per process: creating
-    one loads its weights, which costs more than a batch of features."""
-    key = (name, layer, device.type)
-    with _EXTRACTORS_LOCK:
-        if key not in _EXTRACTORS:
-            ensure_registered()
-            _EXTRACTORS[key] = torch_fidelity.utils.create_feature_extractor(
-                name, [layer], cuda=device.type == "cuda", verbose=False
-            )
-        return _EXTRACTORS[key]
+    """torch-fidelity's extractor ``name`` for ``layer`` on ``device``'s type, created once per process and weights
+    (bench.reuse; callers only read it): creating one loads its weights. Callers keep it for their run."""
+    key = ("feature-extractor", name, layer, device.type, EXTRACTORS[name].digest())
+
+    def create():
+        ensure_registered()
+        return torch_fidelity.utils.create_feature_extractor(name, [layer], cuda=device.type == "cuda", verbose=False)
+
+    return reuse.shared(key, create)
 
 
-def extract_features(dataset, name: str, layer: str, device: torch.device) -> torch.Tensor:
+def extract_features(dataset, extractor, layer: str, device: torch.device) -> torch.Tensor:
     """float64 features of ``layer`` of every image of ``dataset`` (uint8 [3, H, W] items), in extractor batches of
     FEATURE_BATCH_SIZE, under METRIC_THREADS threads (the same bytes whatever the process's thread count)."""
-    fe = feature_extractor(name, layer, device)
     with metric_threads():
         feats = torch_fidelity.utils.get_featuresdict_from_dataset(
-            dataset, fe, FEATURE_BATCH_SIZE, device.type == "cuda", save_cpu_ram=True, verbose=False
+            dataset, extractor, FEATURE_BATCH_SIZE, device.type == "cuda", save_cpu_ram=True, verbose=False
         )
     return feats[layer].double()
 
 
-def shard_features(images: torch.Tensor, features: Iterable[tuple[str, str]],
+def shard_features(images: torch.Tensor, extractors: Mapping[tuple[str, str], Any],
                    device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
-    """The per-sample features of one shard (uint8 [B, 3, H, W]) for each (extractor, layer) in ``features``.
+    """The per-sample features of one shard (uint8 [B, 3, H, W]) for each (extractor name, layer) of ``extractors``
+    (their ``feature_extractor`` objects).
 
     The extractor's batches are chunks of FEATURE_BATCH_SIZE within the shard: the runner streams a batch's features
     through here as the batch is made, and ``EvalContext.sample_features`` extracts the same chunks, so the values
     are the same bytes whether streamed, recomputed from the shards, made by one process or several, or resumed.
     """
-    return {(name, layer): extract_features(UInt8Images(images), name, layer, device) for name, layer in features}
+    return {(name, layer): extract_features(UInt8Images(images), fe, layer, device)
+            for (name, layer), fe in extractors.items()}
 
 
 @dataclass
@@ -166,6 +161,7 @@ class EvalContext:
     # per-sample features already extracted (the runner's, streamed per shard), by (extractor, layer)
     streamed_features: Mapping[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _features: dict[Any, torch.Tensor] = field(default_factory=dict)
+    _extractors: dict[Any, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.source: SampleSource = TensorSamples(self.samples) if torch.is_tensor(self.samples) else self.samples
@@ -195,8 +191,14 @@ class EvalContext:
         reads a group of at most its network's batch at a time."""
         return self.source.take(list(indices))
 
+    def extractor(self, name: str, layer: str):
+        key = (name, layer)
+        if key not in self._extractors:
+            self._extractors[key] = feature_extractor(name, layer, self.device)
+        return self._extractors[key]
+
     def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
-        return extract_features(dataset, name, layer, self.device)
+        return extract_features(dataset, self.extractor(name, layer), layer, self.device)
 
     def sample_features(self, name: str, layer: str) -> torch.Tensor:
         """float64 [N, D] features of the samples: the streamed ones where the runner gave them, else extracted

@@ -336,9 +336,9 @@ class _ShardWriter:
 
         from bench.evaluation import feature_extractor
 
-        self.store, self.features, self.device = store, features, device
-        for name, layer in features:  # created once for the run (loads the weights), here: an error stops it now
-            feature_extractor(name, layer, device)
+        self.store, self.device = store, device
+        # created once for the run (creating one loads its weights), and here: an error stops the run before sampling
+        self.extractors = {(name, layer): feature_extractor(name, layer, device) for name, layer in features}
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="bench-features") if overlap and features else None
         self.pending = None  # (future of its features, samples, record) of the batch in flight
         # on CUDA the thread's kernels run beside the sampling kernels, not queued after them
@@ -353,13 +353,13 @@ class _ShardWriter:
 
         images = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return shard_features(images, self.features, self.device)
+            return shard_features(images, self.extractors, self.device)
 
     def add(self, batch: np.ndarray, record) -> None:
         """Batch ``record.batch``'s samples (uint8 [B, H, W, C]): written now, or once its features are extracted."""
         self.flush()
         if self.pool is None:
-            self.store.write(batch, record, self._extract(batch) if self.features else None)
+            self.store.write(batch, record, self._extract(batch) if self.extractors else None)
         else:
             self.pending = self.pool.submit(self._extract, batch), batch, record
 
@@ -481,14 +481,16 @@ def collect_features(plan: Plan, samples) -> dict[tuple[str, str], Any]:
     from the shard's samples (``bench.evaluation.shard_features``, as when streamed), never trusted."""
     import torch
 
-    from bench.evaluation import shard_features
+    from bench.evaluation import feature_extractor, shard_features
 
-    features = plan.sample_features
+    features, device = plan.sample_features, torch.device(plan.spec.device)
     parts: dict[tuple[str, str], list[Any]] = {key: [] for key in features}
+    extractors: dict[tuple[str, str], Any] = {}  # created on the first shard that needs them
     for k in range(len(samples.ranges) if features else 0):
         stored = samples.store.load_features(k, features)
         if stored is None:
-            stored = shard_features(samples.images(k), features, torch.device(plan.spec.device))
+            extractors = extractors or {key: feature_extractor(*key, device) for key in features}
+            stored = shard_features(samples.images(k), extractors, device)
         for key, value in stored.items():
             parts[key].append(value)
     return {key: torch.cat(values) for key, values in parts.items()}

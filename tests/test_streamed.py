@@ -42,9 +42,9 @@ def extracted(monkeypatch):
     calls = []
     real = bench.evaluation.extract_features
 
-    def counting(dataset, name, layer, device):
+    def counting(dataset, extractor, layer, device):
         calls.append((len(dataset), threading.current_thread().name))
-        return real(dataset, name, layer, device)
+        return real(dataset, extractor, layer, device)
 
     monkeypatch.setattr(bench.evaluation, "extract_features", counting)
     return calls
