@@ -663,11 +663,13 @@ def _execute(plan: Plan, tracker, progress: bool, extra_tags: dict[str, str] | N
         shards.barrier()  # every shard is on disk
         if not shards.lead:
             return None
+        after_last_batch = time.perf_counter()
         shutil.rmtree(out / ".ranks", ignore_errors=True)  # the other processes' copies of the method's workdir
         samples, timings = collect(plan, made)
         digest = samples_digest(samples)
         save_grid(samples, out / "grid.png")
         values = {**budget, **evaluate(plan, samples, timings, collect_features(plan, samples))}
+        values["metric_seconds"] = time.perf_counter() - after_last_batch  # what is left once the last shard is made
         result = {"values": values, "samples_sha256": digest, "run_id": tracked.run_id,
                   "protocol_hash": plan.protocol_hash, "eval_protocol_hash": plan.eval_protocol_hash}
         (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

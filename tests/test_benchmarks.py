@@ -17,7 +17,8 @@ def measured():
     return run_harness_benchmarks(HarnessBenchmark())
 
 
-@pytest.mark.parametrize("name", ["harness_overhead", "throughput_ratio", "metric_phase_ratio", "cached_metric_speedup"])
+@pytest.mark.parametrize("name", ["harness_overhead", "throughput_ratio", "metric_phase_ratio", "cached_metric_speedup",
+                                  "streamed_metric_ratio"])
 def test_bound_holds(measured, name):
     check = measured["checks"][name]
     assert check["holds"], f"{name} = {check['value']:.4g}, bound {check['kind']} {check['bound']} ({measured['environment']})"
