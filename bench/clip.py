@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from bench import reuse
 from bench.embedded.eval_clip import build_from_state_dict, import_clip, load_state_dict_file
 from bench.errors import BenchError
 from bench.files import file_digest
@@ -53,9 +54,15 @@ def weights_digest(backbone: str) -> str:
 
 
 def load_clip(backbone: str, device: torch.device):
-    """(model, preprocess) as ``clip.load`` returns them."""
-    clip = import_clip()
+    """(model, preprocess) as ``clip.load`` returns them; loaded once per process and device and shared
+    (bench.reuse): callers only read it (scores, rewards, a frozen loss)."""
     preflight(backbone)
+    key = ("clip", backbone, weights_digest(backbone), str(torch.device(device)))
+    return reuse.shared(key, lambda: _load_clip(backbone, device))
+
+
+def _load_clip(backbone: str, device: torch.device):
+    clip = import_clip()
     if backbone == EMBEDDED_BACKBONE:
         model = build_from_state_dict(load_state_dict_file(embedded_weights())).to(device)
         return model, clip.clip._transform(model.visual.input_resolution)

@@ -3,7 +3,9 @@
 Reference features are cached on disk as safetensors under a key that spells out
 their whole provenance (reference set identity, extractor, its weights digest,
 layer, batch size); generated-sample features are computed once per run and
-shared by FID, KID and precision/recall.
+shared by FID, KID and precision/recall: streamed by the runner as each batch is
+made (stored beside its shard), or extracted here, shard by shard, in the same
+extractor batches, so both give the same bytes.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 import torch_fidelity.utils
 
-from bench.extractors import ensure_registered
+from bench import reuse
+from bench.extractors import EXTRACTORS, ensure_registered
 from bench.files import cache_dir
 from bench.interfaces import ReferenceSet
 from bench.spec import RunSpec, canonical_json, stable_hash
@@ -66,11 +69,12 @@ class SamplingTimings:
 
 class SampleSource(Protocol):
     """A run's samples, read a chunk at a time: ``len`` and ``chunks(size)`` yielding (first index, uint8
-    [B, 3, H, W]) in index order, every chunk ``size`` samples but the last."""
+    [B, 3, H, W]) in index order, every chunk ``size`` samples but the last; with ``within_shards`` a chunk never
+    spans two shards (each shard's last chunk may be shorter; a source without shards is one shard)."""
 
     def __len__(self) -> int: ...
 
-    def chunks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]: ...
+    def chunks(self, size: int, within_shards: bool = False) -> Iterator[tuple[int, torch.Tensor]]: ...
 
     def take(self, indices: list[int]) -> torch.Tensor: ...
 
@@ -84,8 +88,8 @@ class TensorSamples:
     def __len__(self) -> int:
         return len(self.images)
 
-    def chunks(self, size: int) -> Iterator[tuple[int, torch.Tensor]]:
-        for a in range(0, len(self.images), size):
+    def chunks(self, size: int, within_shards: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        for a in range(0, len(self.images), size):  # one shard: within_shards changes nothing
             yield a, self.images[a : a + size]
 
     def take(self, indices: list[int]) -> torch.Tensor:
@@ -105,6 +109,41 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+def feature_extractor(name: str, layer: str, device: torch.device):
+    """torch-fidelity's extractor ``name`` for ``layer`` on ``device``'s type, created once per process and weights
+    (bench.reuse; callers only read it): creating one loads its weights. Callers keep it for their run."""
+    key = ("feature-extractor", name, layer, device.type, EXTRACTORS[name].digest())
+
+    def create():
+        ensure_registered()
+        return torch_fidelity.utils.create_feature_extractor(name, [layer], cuda=device.type == "cuda", verbose=False)
+
+    return reuse.shared(key, create)
+
+
+def extract_features(dataset, extractor, layer: str, device: torch.device) -> torch.Tensor:
+    """float64 features of ``layer`` of every image of ``dataset`` (uint8 [3, H, W] items), in extractor batches of
+    FEATURE_BATCH_SIZE, under METRIC_THREADS threads (the same bytes whatever the process's thread count)."""
+    with metric_threads():
+        feats = torch_fidelity.utils.get_featuresdict_from_dataset(
+            dataset, extractor, FEATURE_BATCH_SIZE, device.type == "cuda", save_cpu_ram=True, verbose=False
+        )
+    return feats[layer].double()
+
+
+def shard_features(images: torch.Tensor, extractors: Mapping[tuple[str, str], Any],
+                   device: torch.device) -> dict[tuple[str, str], torch.Tensor]:
+    """The per-sample features of one shard (uint8 [B, 3, H, W]) for each (extractor name, layer) of ``extractors``
+    (their ``feature_extractor`` objects).
+
+    The extractor's batches are chunks of FEATURE_BATCH_SIZE within the shard: the runner streams a batch's features
+    through here as the batch is made, and ``EvalContext.sample_features`` extracts the same chunks, so the values
+    are the same bytes whether streamed, recomputed from the shards, made by one process or several, or resumed.
+    """
+    return {(name, layer): extract_features(UInt8Images(images), fe, layer, device)
+            for (name, layer), fe in extractors.items()}
+
+
 @dataclass
 class EvalContext:
     """What a metric sees. The samples are read chunk by chunk (``iter_samples``, ``map_samples``): a run's come
@@ -119,11 +158,17 @@ class EvalContext:
     prompts: list[str] | None = None  # prompt i of sample i (text-conditioned runs)
     targets: list[Any] | None = None  # attributes sample i should have (attribute accuracy)
     items: list[Any] | None = None  # edit i of sample i (bench.interfaces.EditItem; editing runs)
+    # per-sample features already extracted (the runner's, streamed per shard), by (extractor, layer)
+    streamed_features: Mapping[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _features: dict[Any, torch.Tensor] = field(default_factory=dict)
     _extractors: dict[Any, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.source: SampleSource = TensorSamples(self.samples) if torch.is_tensor(self.samples) else self.samples
+        for (name, layer), feats in self.streamed_features.items():
+            if len(feats) != len(self.source):
+                raise ValueError(f"{len(feats)} streamed {name}/{layer} features for {len(self.source)} samples")
+            self._features[("samples", name, layer)] = feats
 
     @property
     def num_samples(self) -> int:
@@ -149,27 +194,19 @@ class EvalContext:
     def extractor(self, name: str, layer: str):
         key = (name, layer)
         if key not in self._extractors:
-            ensure_registered()
-            self._extractors[key] = torch_fidelity.utils.create_feature_extractor(
-                name, [layer], cuda=self.device.type == "cuda", verbose=False
-            )
+            self._extractors[key] = feature_extractor(name, layer, self.device)
         return self._extractors[key]
 
     def _extract(self, dataset, name: str, layer: str) -> torch.Tensor:
-        fe = self.extractor(name, layer)
-        with metric_threads():
-            feats = torch_fidelity.utils.get_featuresdict_from_dataset(
-                dataset, fe, FEATURE_BATCH_SIZE, self.device.type == "cuda", save_cpu_ram=True, verbose=False
-            )
-        return feats[layer].double()
+        return extract_features(dataset, self.extractor(name, layer), layer, self.device)
 
     def sample_features(self, name: str, layer: str) -> torch.Tensor:
+        """float64 [N, D] features of the samples: the streamed ones where the runner gave them, else extracted
+        chunk by chunk within each shard, every chunk one extractor batch (the batches of ``shard_features``)."""
         key = ("samples", name, layer)
         if key not in self._features:
-            # chunk by chunk, each chunk the extractor's batch: the same batches (and bytes) as one whole array
-            self._features[key] = self.map_samples(
-                lambda _, chunk: self._extract(UInt8Images(chunk), name, layer), FEATURE_BATCH_SIZE
-            )
+            chunks = self.source.chunks(FEATURE_BATCH_SIZE, within_shards=True)
+            self._features[key] = _concat([self._extract(UInt8Images(chunk), name, layer) for _, chunk in chunks])
         return self._features[key]
 
     def reference_images(self) -> torch.Tensor:
@@ -220,11 +257,13 @@ def _concat(parts: list[Any]) -> Any:
 
 
 def load_cached(path: Path) -> torch.Tensor | None:
+    """Cached features (read once per process while the file is unchanged, then shared: bench.reuse), or None."""
     if not path.exists():
         return None
     try:
         # copied out of the memory map: another run may replace the cache file while this one still uses it
-        return load_file(str(path))["features"].clone()
+        return reuse.shared(("features", reuse.files_signature([path])),
+                            lambda: load_file(str(path))["features"].clone())
     except (SafetensorError, KeyError, OSError):  # a damaged cache entry is recomputed, never trusted
         return None
 

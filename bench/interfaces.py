@@ -327,6 +327,11 @@ class Metric(ABC):
     def protocol(self, spec: Any, reference: ReferenceSet) -> dict[str, Any]:
         return {}
 
+    def sample_features(self, spec: Any, reference: ReferenceSet) -> tuple[tuple[str, str], ...]:
+        """The per-sample features ``compute`` reads through ``ctx.sample_features``, as (extractor, layer) pairs:
+        the runner extracts them as each batch is made (streamed), so the metric phase finds them ready."""
+        return ()
+
     @abstractmethod
     def compute(self, ctx: "EvalContext") -> dict[str, float]:
         """Metric values by name."""

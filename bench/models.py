@@ -21,6 +21,7 @@ from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import snapshot_download
 from transformers.utils import logging as transformers_logging
 
+from bench import reuse
 from bench.catalog import MODELS
 from bench.errors import BenchError
 from bench.files import file_digest
@@ -80,8 +81,14 @@ def _hf_home() -> str:
 
 
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
-    """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout."""
+    """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout (loaded once
+    per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
     folder = resolve_folder(source)
+    key = ("pixel-diffusion", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_pixel_diffusion(folder, source, name, embedded))
+
+
+def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded: bool) -> DiffusionModel:
     nested = (folder / "unet" / "config.json").exists()
     unet_dir = folder / "unet" if nested else folder
     sched_dir = folder / "scheduler" if nested else folder
@@ -166,8 +173,14 @@ def _quiet_loading():
 
 
 def load_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
-    """A ``StableDiffusionPipeline`` folder or hub id, loaded as SD-1.5 is: ``from_pretrained``, no safety checker."""
+    """A ``StableDiffusionPipeline`` folder or hub id, loaded as SD-1.5 is: ``from_pretrained``, no safety checker
+    (loaded once per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
     folder = resolve_folder(source)
+    key = ("text-to-image", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_text_to_image(folder, source, name, embedded))
+
+
+def _load_text_to_image(folder: Path, source: str, name: str | None, embedded: bool) -> TextToImageModel:
     if pipeline_class(folder) != "StableDiffusionPipeline":
         raise BenchError(f"{folder} is not a StableDiffusionPipeline folder (model_index.json names "
                          f"{pipeline_class(folder)})")

@@ -213,6 +213,7 @@ BOUNDS = {  # name: (bound, "max" or "min"): issue 6's
     "throughput_ratio": (1.0, "min"),
     "metric_phase_ratio": (1.0, "max"),
     "cached_metric_speedup": (10.0, "min"),
+    "streamed_metric_ratio": (0.2, "max"),  # issue 20's
 }
 
 
@@ -305,7 +306,8 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
     own cache of the reference features (the second of two calls). Its FID accumulates statistics in float32 where
     the harness uses float64, so the values agree to about 1e-6 relative.
     """
-    import torch  # lazy: bench.cli imports this module at startup
+    import numpy as np  # lazy: bench.cli imports this module at startup
+    import torch
     import torch_fidelity
 
     from bench.datasets import Shapes16
@@ -325,8 +327,8 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
 
     def torch_fidelity_seconds(**options) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        out = torch_fidelity.calculate_metrics(input1=UInt8Images(images), input2=Shapes16().dataset(), **common,
-                                               **options)
+        out = torch_fidelity.calculate_metrics(**{"input1": UInt8Images(images), "input2": Shapes16().dataset(),
+                                                  **common, **options})
         return time.perf_counter() - t0, out
 
     times: dict[str, list[float]] = {k: [] for k in ("cold", "cached", "tf", "tf_matched", "tf_cached")}
@@ -348,6 +350,22 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
             tf_cache = dict(cache=True, cache_root=str(workdir / f"tf-cache-{r}"), input2_cache_name="shapes16", **matched)
             torch_fidelity_seconds(**tf_cache)  # fills its cache
             times["tf_cached"].append(torch_fidelity_seconds(**tf_cache)[0])
+        # a whole run (bench.runner.execute): features streamed as each batch is made, so after the last batch only
+        # the statistics remain; its metric_seconds against calculate_metrics on its images (reference cache warm)
+        from bench.runner import execute
+        from bench.shards import ShardStore
+        from bench.tracking import Tracker
+
+        tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}", "diffbench-profile")
+        tracker.check()
+        times["streamed"], times["tf_streamed"] = [], []
+        for r in range(bench.repeats):
+            run = execute(_plan(bench, workdir / f"streamed-{r}", ("fid", "kid")), tracker, progress=False)
+            store = ShardStore(run.output, run.plan.protocol_hash)
+            made = torch.from_numpy(np.concatenate([np.load(p) for p in sorted(store.dir.glob("shard-*.npy"))]))
+            times["streamed"].append(run.values["metric_seconds"])
+            times["tf_streamed"].append(torch_fidelity_seconds(cache=False, input1=UInt8Images(
+                made.permute(0, 3, 1, 2).contiguous()))[0])
     finally:
         if old_cache is None:
             os.environ.pop("DIFFBENCH_CACHE", None)
@@ -364,6 +382,8 @@ def metric_benchmarks(bench: HarnessBenchmark, samples, workdir: Path, raw: dict
         "metric_phase_ratio_matched_settings": ratio("cold", "tf_matched"),
         "cached_metric_ratio": ratio("cached", "tf_cached"),
         "cached_metric_speedup": ratio("cold", "cached"),
+        "streamed_metric_ratio": ratio("streamed", "tf_streamed"),
+        "streamed_metric_seconds": m["streamed"],
         "metric_phase_seconds": m["cold"],
         "metric_phase_cached_seconds": m["cached"],
         "torch_fidelity_seconds": m["tf"],
@@ -395,4 +415,118 @@ def run_harness_benchmarks(bench: HarnessBenchmark, only: tuple[str, ...] = ("sa
     return {"benchmark": dataclasses.asdict(bench), "values": values, "checks": checks, "repeats": raw,
             "environment": {"load_average_before": load_before, "load_average": os.getloadavg(),
                             "torch_threads": torch.get_num_threads(),
+                            "cpu_count": os.cpu_count()}}
+
+
+# -- sweeps: the cost of many cells, and scaling out ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepBenchmark:
+    """A sweep of small cells on the embedded pixel DDPM (shapes16): methods x steps x seeds."""
+
+    methods: tuple[str, ...] = ("ddim", "dpmsolver++")
+    steps: tuple[int, ...] = (5, 10, 20)
+    seeds: int = 4
+    num_samples: int = 256
+    batch_size: int = 128
+    metrics: tuple[str, ...] = ("fid", "kid", "latency")
+    ray_workers: int = 2  # Ray workers of one CPU (one thread) each; 0 leaves the Ray comparison out
+
+    @property
+    def cells(self) -> int:
+        return len(self.methods) * len(self.steps) * self.seeds
+
+
+SWEEP_BOUNDS = {  # issue 20's
+    "sweep_overhead_ratio": (1.15, "max"),
+    "ray_throughput_ratio": (1.6, "min"),
+}
+SWEEP_SAME_COLUMNS = ("fid", "kid_mean", "nfe")  # what must not depend on the executor (latency does)
+
+
+def _bench_command(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "bench", *args]
+
+
+def _timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+    """Wall seconds of a command (its output to ``log``); BenchError with the log's tail if it fails."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        code = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        tail = "\n".join(log.read_text().splitlines()[-5:])
+        raise BenchError(f"`{' '.join(cmd[2:])}` exited {code}:\n{tail}")
+    return seconds
+
+
+def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> dict[str, Any]:
+    """Wall time of `bench sweep` (a new process, as a user starts it) against the sum of its cells' sampling and
+    metric seconds; then the same sweep on a running local Ray cluster of ``ray_workers`` one-CPU workers against
+    the local executor (throughput: cells per second of wall time). The MLflow store and the reference-feature
+    cache exist before the timed commands (a warm-up run makes them: a user's second sweep); the Ray cluster is
+    started before its sweep is timed, and its start time is reported apart."""
+    import csv
+    import shutil
+    import subprocess
+
+    import yaml
+
+    tmp = tempfile.TemporaryDirectory(prefix="diffbench-sweep-") if workdir is None else None
+    root = Path(tmp.name if tmp else workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    # the local executor with its default threads (all cores): the thread limits of this process are not passed on
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env.update(DIFFBENCH_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    suite = {"name": "sweep-benchmark", "seeds": bench.seeds,
+             "defaults": {"num_samples": bench.num_samples, "batch_size": bench.batch_size,
+                          "metrics": list(bench.metrics), "model": "embedded-ddpm", "dataset": "shapes16"},
+             "grid": [{"method": list(bench.methods), "steps": list(bench.steps)}]}
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite, sort_keys=False))
+    load_before = os.getloadavg()
+    _timed(_bench_command("run", "--method", "ddim", "--steps", "1", "--num-samples", "128", "--metrics", "fid,kid",
+                          "--tracking-uri", uri, "--output", str(root / "warm-up"), "--no-progress"), env,
+           root / "warm-up.log")
+
+    def sweep(name: str, *extra: str) -> tuple[float, list[dict[str, str]]]:
+        out = root / name
+        seconds = _timed(_bench_command("sweep", "--suite", str(root / "suite.yaml"), "--tracking-uri", uri,
+                                        "--out", str(out), "--no-progress", *extra), env, root / f"{name}.log")
+        with open(out / "runs.csv", newline="") as fh:
+            return seconds, list(csv.DictReader(fh))
+
+    values: dict[str, float] = {}
+    wall, rows = sweep("local")
+    cell_seconds = sum(float(r["sampling_seconds"]) + float(r["metric_seconds"]) for r in rows)
+    values.update(sweep_seconds=wall, cells=float(len(rows)), cells_sampling_and_metric_seconds=cell_seconds,
+                  sweep_overhead_ratio=wall / cell_seconds)
+    if bench.ray_workers:
+        ray = shutil.which("ray", path=str(Path(os.sys.executable).parent)) or shutil.which("ray")
+        if ray is None:
+            raise BenchError("the Ray comparison needs Ray: pip install 'diffbench[scale]' (or pass --ray-workers 0)")
+        ray_env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
+        t0 = time.perf_counter()
+        subprocess.run([ray, "start", "--head", f"--num-cpus={bench.ray_workers}", "--include-dashboard=false",
+                        f"--temp-dir={root / 'ray'}"], env=ray_env, check=True, capture_output=True)
+        values["ray_start_seconds"] = time.perf_counter() - t0
+        try:
+            ray_wall, ray_rows = sweep("ray", "--executor", "ray", "--ray-address", "auto", "--cpus-per-cell", "1")
+        finally:
+            subprocess.run([ray, "stop", "--force"], env=ray_env, capture_output=True)
+        if [[r[c] for c in SWEEP_SAME_COLUMNS] for r in ray_rows] != [[r[c] for c in SWEEP_SAME_COLUMNS] for r in rows]:
+            raise BenchError("the Ray executor's cells have other values than the local executor's; the comparison "
+                             "is void")
+        values.update(ray_sweep_seconds=ray_wall, ray_throughput_ratio=wall / ray_wall)
+    if tmp:
+        tmp.cleanup()
+    checks = {k: {"value": values[k], "bound": b, "kind": kind, "holds": values[k] <= b if kind == "max" else values[k] >= b}
+              for k, (b, kind) in SWEEP_BOUNDS.items() if k in values}
+    return {"benchmark": dataclasses.asdict(bench), "values": values, "checks": checks,
+            "environment": {"load_average_before": load_before, "load_average": os.getloadavg(),
                             "cpu_count": os.cpu_count()}}

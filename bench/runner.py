@@ -2,7 +2,9 @@
 
 Planning fails with one line on any bad input before the MLflow run exists.
 Execution samples in batches with per-sample seeds, writes each batch as an
-atomic shard, computes the metrics once over all samples, and records the run.
+atomic shard with the per-sample features its metrics read (extracted as the
+batch is made; on a GPU while the next batch is sampled), computes the metrics
+once over all samples, and records the run.
 The batches of a run can be shared among processes (torchrun; bench.distributed)
 and a killed run resumed from its complete shards (bench.shards), with the same
 samples, metrics and MLflow run as one uninterrupted process.
@@ -52,6 +54,15 @@ class Plan:
     @property
     def scheduler_config(self) -> dict[str, Any]:
         return self.protocol["method"].get("scheduler", {})
+
+    @property
+    def sample_features(self) -> tuple[tuple[str, str], ...]:
+        """The (extractor, layer) features its metrics read per sample: streamed with the shards."""
+        return _sample_features(self.spec, self.reference, self.metrics)
+
+
+def _sample_features(spec: RunSpec, reference: ReferenceSet, metrics: dict[str, Metric]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({f for metric in metrics.values() for f in metric.sample_features(spec, reference)}))
 
 
 @dataclass
@@ -123,21 +134,24 @@ def output_lock(folder: Path):
         f.close()  # releases the lock
 
 
-SHARD_OVERHEAD_BYTES = 4096  # a shard's .npy header and its sidecar, per batch (a generous bound)
+SHARD_OVERHEAD_BYTES = 4096  # a shard's .npy header, its features file's header and its sidecar (a generous bound)
 
 
-def estimated_bytes(num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> int:
-    """Disk the run's shards take: uint8 samples plus each shard's header and sidecar."""
+def estimated_bytes(num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1,
+                    feature_values: int = 0) -> int:
+    """Disk the run's shards take: uint8 samples, ``feature_values`` float64 features per sample (streamed with the
+    shards), and each shard's headers and sidecar."""
     c, h, w = sample_shape
-    return num_samples * c * h * w + -(-num_samples // batch_size) * SHARD_OVERHEAD_BYTES
+    return num_samples * (c * h * w + 8 * feature_values) + -(-num_samples // batch_size) * SHARD_OVERHEAD_BYTES
 
 
-def check_disk(output: Path, num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1) -> None:
+def check_disk(output: Path, num_samples: int, sample_shape: tuple[int, int, int], batch_size: int = 1,
+               feature_values: int = 0) -> None:
     """Refuse before the run starts if its shards cannot fit on the output folder's disk (a typo in
     --num-samples costs seconds, not hours and a full disk)."""
     import shutil
 
-    need = estimated_bytes(num_samples, sample_shape, batch_size)
+    need = estimated_bytes(num_samples, sample_shape, batch_size, feature_values)
     free = shutil.disk_usage(output).free
     if need > free:
         c, h, w = sample_shape
@@ -166,6 +180,7 @@ def plan_run(spec: RunSpec) -> Plan:
 
     from bench.catalog import METHODS, METRICS
     from bench.datasets import load_dataset
+    from bench.extractors import EXTRACTORS
     from bench.models import load_model
     from bench.runtime import check_attention
     from bench.runtime import configure as configure_runtime
@@ -237,7 +252,8 @@ def plan_run(spec: RunSpec) -> Plan:
     protocol_hash = stable_hash(protocol)
     output = Path(spec.output) if spec.output else Path("bench-runs") / f"{spec.method}-{protocol_hash[:12]}"
     check_writable(output)
-    check_disk(output, spec.num_samples, model.sample_shape, spec.batch_size)
+    feature_values = sum(EXTRACTORS[name].dim for name, _ in _sample_features(spec, reference, metrics))
+    check_disk(output, spec.num_samples, model.sample_shape, spec.batch_size, feature_values)
     return Plan(spec, method, model, reference, metrics, output, protocol, protocol_hash, stable_hash(eval_protocol),
                 prompts, targets, items)
 
@@ -299,14 +315,83 @@ def peak_memory(device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process max RSS"
 
 
+# extract a batch's features on a background thread while the next batch samples; None: on CUDA only (on a CPU the
+# cores are busy sampling, and the thread's metric_threads() settings would race with the sampling's)
+OVERLAP_FEATURES: bool | None = None
+
+
+class _ShardWriter:
+    """Writes each batch as a shard (bench.shards) with its per-sample features (``features``: (extractor, layer)).
+
+    Inline, a batch's features are extracted and its shard written before the next batch starts (on a CPU the cores
+    are busy sampling). With ``overlap`` they are extracted on one background thread (on CUDA, its own stream) while
+    the next batch is sampled, and the shard is written when they are done: at most one batch waits. Either way the
+    features are ``bench.evaluation.shard_features`` of the shard, so the bytes are the same.
+    """
+
+    def __init__(self, store, features: tuple[tuple[str, str], ...], device, overlap: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+
+        from bench.evaluation import feature_extractor
+
+        self.store, self.device = store, device
+        # created once for the run (creating one loads its weights), and here: an error stops the run before sampling
+        self.extractors = {(name, layer): feature_extractor(name, layer, device) for name, layer in features}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="bench-features") if overlap and features else None
+        self.pending = None  # (future of its features, samples, record) of the batch in flight
+        # on CUDA the thread's kernels run beside the sampling kernels, not queued after them
+        self.stream = torch.cuda.Stream(device) if self.pool is not None and device.type == "cuda" else None
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(device))  # the extractor's weights are on the device
+
+    def _extract(self, batch: np.ndarray):
+        import torch
+
+        from bench.evaluation import shard_features
+
+        images = torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous()
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return shard_features(images, self.extractors, self.device)
+
+    def add(self, batch: np.ndarray, record) -> None:
+        """Batch ``record.batch``'s samples (uint8 [B, H, W, C]): written now, or once its features are extracted."""
+        self.flush()
+        if self.pool is None:
+            self.store.write(batch, record, self._extract(batch) if self.extractors else None)
+        else:
+            self.pending = self.pool.submit(self._extract, batch), batch, record
+
+    def flush(self) -> None:
+        """Wait for the batch in flight, if any, and write its shard."""
+        if self.pending is not None:
+            job, batch, record = self.pending
+            self.pending = None
+            self.store.write(batch, record, job.result())
+
+    def close(self, failed: bool) -> None:
+        """Write the batch in flight (also when sampling failed: a resume keeps it), then stop the thread."""
+        try:
+            if failed:
+                with contextlib.suppress(Exception):  # the sampling error is the one to report
+                    self.flush()
+            else:
+                self.flush()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+
+
 def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_batch: Callable[[int], None] | None = None,
-                    rank: int = 0) -> dict[int, tuple[np.ndarray, Any]]:
-    """Generate ``batches`` and write each as a complete shard (bench.shards); returns (samples, ShardRecord) by
-    batch index.
+                    rank: int = 0, overlap: bool | None = None) -> dict[int, tuple[np.ndarray, Any]]:
+    """Generate ``batches`` and write each as a complete shard (bench.shards) with its samples' features
+    (``plan.sample_features``); returns (samples, ShardRecord) by batch index.
 
     The first ``warmup_batches`` of this process are flagged as warm-up in their records. The global torch RNG is
     seeded per batch (methods draw from per-sample generators; this pins anything else), so a batch is the same
-    whichever process makes it and whenever.
+    whichever process makes it and whenever. ``overlap``: extract a batch's features while the next one is sampled
+    (default OVERLAP_FEATURES; None: on CUDA); the features are the same bytes either way.
     """
     import torch
     from tqdm.auto import tqdm
@@ -320,35 +405,42 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    store = ShardStore(plan.output, plan.protocol_hash)
+    if overlap is None:
+        overlap = device.type == "cuda" if OVERLAP_FEATURES is None else OVERLAP_FEATURES
+    writer = _ShardWriter(ShardStore(plan.output, plan.protocol_hash), plan.sample_features if batches else (),
+                          device, overlap)
     denoiser = CountingDenoiser(plan.model.unet, device)
     made: dict[int, tuple[None, ShardRecord]] = {}
     total = sum(len(range(*batch_range(spec, k))) for k in batches)
     bar = tqdm(total=total, unit="img", desc=f"{spec.method} {spec.steps} steps", disable=not progress)
-    for n, k in enumerate(batches):
-        indices = range(*batch_range(spec, k))
-        seeds = [sample_seed(spec.seed, i) for i in indices]
-        torch.manual_seed(sample_seed(spec.seed, indices.start))
-        denoiser.reset()
-        synchronize(device)
-        t0 = time.perf_counter()
-        with attention_context(spec.attention):
-            images = _generate_batch(plan, indices, seeds, denoiser)
-        synchronize(device)
-        seconds = time.perf_counter() - t0
-        batch = to_uint8(images)
-        record = ShardRecord(batch=k, indices=(indices.start, indices.stop),
-                             protocol_hash=plan.protocol_hash, seconds=seconds, call_seconds=denoiser.call_seconds(),
-                             calls=denoiser.calls, warmup=n < spec.warmup_batches,
-                             peak_memory_bytes=peak_memory(device)[0], rank=rank)
-        store.write(batch, record)
-        made[k] = None, record  # the samples live in their shard only: memory does not grow with the run
-        bar.update(len(seeds))
-        if n == 0 and len(batches) > 1:
-            warn_if_long(spec, seconds, len(batches))
-        if on_batch:
-            on_batch(k)
-    bar.close()
+    failed = True
+    try:
+        for n, k in enumerate(batches):
+            indices = range(*batch_range(spec, k))
+            seeds = [sample_seed(spec.seed, i) for i in indices]
+            torch.manual_seed(sample_seed(spec.seed, indices.start))
+            denoiser.reset()
+            synchronize(device)
+            t0 = time.perf_counter()
+            with attention_context(spec.attention):
+                images = _generate_batch(plan, indices, seeds, denoiser)
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+            record = ShardRecord(batch=k, indices=(indices.start, indices.stop),
+                                 protocol_hash=plan.protocol_hash, seconds=seconds, call_seconds=denoiser.call_seconds(),
+                                 calls=denoiser.calls, warmup=n < spec.warmup_batches,
+                                 peak_memory_bytes=peak_memory(device)[0], rank=rank)
+            writer.add(to_uint8(images), record)
+            made[k] = None, record  # the samples live in their shard only: memory does not grow with the run
+            bar.update(len(seeds))
+            if n == 0 and len(batches) > 1:
+                warn_if_long(spec, seconds, len(batches))
+            if on_batch:
+                on_batch(k)
+        failed = False
+    finally:
+        writer.close(failed)
+        bar.close()
     return made
 
 
@@ -382,6 +474,28 @@ def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
     return ShardSamples(store, ranges, (h, w, c)), timings
 
 
+def collect_features(plan: Plan, samples) -> dict[tuple[str, str], Any]:
+    """The run's per-sample features (``plan.sample_features``) in index order, by (extractor, layer), for the
+    shards of ``samples`` (a ShardSamples from ``collect``: checked complete). Each shard's features file is read
+    only if it is the one its sidecar names (sha256); one missing, damaged or of an older run is extracted again
+    from the shard's samples (``bench.evaluation.shard_features``, as when streamed), never trusted."""
+    import torch
+
+    from bench.evaluation import feature_extractor, shard_features
+
+    features, device = plan.sample_features, torch.device(plan.spec.device)
+    parts: dict[tuple[str, str], list[Any]] = {key: [] for key in features}
+    extractors: dict[tuple[str, str], Any] = {}  # created on the first shard that needs them
+    for k in range(len(samples.ranges) if features else 0):
+        stored = samples.store.load_features(k, features)
+        if stored is None:
+            extractors = extractors or {key: feature_extractor(*key, device) for key in features}
+            stored = shard_features(samples.images(k), extractors, device)
+        for key, value in stored.items():
+            parts[key].append(value)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
 def sample(plan: Plan, progress: bool = True, on_batch: Callable[[int], None] | None = None):
     """Generate all samples in one process; returns (uint8 [N, H, W, C], SamplingTimings). The whole array: for
     tests and small runs only (``execute`` reads the shards a chunk at a time)."""
@@ -406,8 +520,9 @@ def checked_values(metric: Metric, values: dict[str, float]) -> dict[str, float]
     return values
 
 
-def evaluate(plan: Plan, samples, timings) -> dict[str, float]:
-    """The metrics of ``samples``: a ShardSamples (read a chunk at a time) or a uint8 [N, H, W, C] array."""
+def evaluate(plan: Plan, samples, timings, sample_features: dict[tuple[str, str], Any] | None = None) -> dict[str, float]:
+    """The metrics of ``samples``: a ShardSamples (read a chunk at a time) or a uint8 [N, H, W, C] array.
+    ``sample_features``: their features already extracted (``collect_features``), by (extractor, layer)."""
     import torch
 
     from bench.evaluation import EvalContext, metric_threads
@@ -423,6 +538,7 @@ def evaluate(plan: Plan, samples, timings) -> dict[str, float]:
         prompts=[p.text for p in plan.prompts] if plan.prompts is not None else None,
         targets=plan.targets,
         items=plan.items,
+        streamed_features=sample_features or {},
     )
     values: dict[str, float] = {}
     with metric_threads():  # the same values whatever the process's thread count (torchrun: one)
@@ -547,11 +663,13 @@ def _execute(plan: Plan, tracker, progress: bool, extra_tags: dict[str, str] | N
         shards.barrier()  # every shard is on disk
         if not shards.lead:
             return None
+        after_last_batch = time.perf_counter()
         shutil.rmtree(out / ".ranks", ignore_errors=True)  # the other processes' copies of the method's workdir
         samples, timings = collect(plan, made)
         digest = samples_digest(samples)
         save_grid(samples, out / "grid.png")
-        values = {**budget, **evaluate(plan, samples, timings)}
+        values = {**budget, **evaluate(plan, samples, timings, collect_features(plan, samples))}
+        values["metric_seconds"] = time.perf_counter() - after_last_batch  # what is left once the last shard is made
         result = {"values": values, "samples_sha256": digest, "run_id": tracked.run_id,
                   "protocol_hash": plan.protocol_hash, "eval_protocol_hash": plan.eval_protocol_hash}
         (out / "results.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

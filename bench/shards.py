@@ -6,6 +6,10 @@ protocol hash of the run, and the batch's timings. A shard counts as complete on
 belongs to this run and matches the file byte for byte, so a file cut short (a copy, a full disk, a non-atomic
 file system) or left from another run is generated again, never read. Shards are numbered by batch, so a run
 split across processes or resumed after a crash writes the same files as one uninterrupted process.
+
+A run whose metrics read per-sample features (FID, KID) streams them: ``samples-features/shard-NNNNN.safetensors``
+(float64 tensors keyed "extractor/layer") is written atomically after its shard and before its sidecar, which holds
+its sha256; a features file that does not match its sidecar is never read (the caller extracts them again).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import numpy as np
 
 SHARD_PATTERN = "shard-{:05d}.npy"
+FEATURES_SUFFIX = ".safetensors"  # samples-features/shard-NNNNN.safetensors beside samples/shard-NNNNN.npy
 SIDECAR_FORMAT = 1
 RUN_STATE = "run.json"  # in the output folder: protocol hash, attempt id, MLflow run id, prepare budget
 
@@ -50,6 +55,7 @@ class ShardRecord:
     rank: int = 0
     shape: tuple[int, ...] = ()  # set by ShardStore.write
     sha256: str = ""  # of the .npy file's bytes; set by ShardStore.write
+    features_sha256: str = ""  # of its features file's bytes ("": none; sidecars older than streamed features)
 
     def to_json(self) -> str:
         return json.dumps({"format": SIDECAR_FORMAT, "dtype": "uint8", **self.__dict__}, indent=1, sort_keys=True)
@@ -61,6 +67,7 @@ class ShardStore:
     def __init__(self, folder: Path, protocol_hash: str):
         self.dir = Path(folder) / "samples"
         self.index = Path(folder) / "samples-index"
+        self.features_dir = Path(folder) / "samples-features"
         self.protocol_hash = protocol_hash
 
     def path(self, k: int) -> Path:
@@ -69,8 +76,12 @@ class ShardStore:
     def sidecar(self, k: int) -> Path:
         return self.index / self.path(k).with_suffix(".json").name
 
-    def write(self, array: np.ndarray, record: ShardRecord) -> None:
-        """The shard first, then its sidecar: a crash in between leaves a shard that is not complete."""
+    def features_path(self, k: int) -> Path:
+        return self.features_dir / self.path(k).with_suffix(FEATURES_SUFFIX).name
+
+    def write(self, array: np.ndarray, record: ShardRecord, features: dict[tuple[str, str], Any] | None = None) -> None:
+        """The shard first, then its features (float64 tensors by (extractor, layer)), then its sidecar: a crash
+        before the sidecar leaves a shard that is not complete, so a complete shard proves its features."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
@@ -80,7 +91,44 @@ class ShardStore:
         record.shape = tuple(array.shape)
         self.sidecar(record.batch).unlink(missing_ok=True)  # a replaced shard is incomplete until its new sidecar
         atomic_write(self.path(record.batch), data)
+        if features:
+            from safetensors.torch import save
+
+            self.features_dir.mkdir(parents=True, exist_ok=True)
+            blob = save({f"{name}/{layer}": t.contiguous() for (name, layer), t in features.items()})
+            record.features_sha256 = hashlib.sha256(blob).hexdigest()
+            atomic_write(self.features_path(record.batch), blob)
         atomic_write(self.sidecar(record.batch), record.to_json().encode())
+
+    def load_features(self, k: int, features: tuple[tuple[str, str], ...]) -> dict[tuple[str, str], Any] | None:
+        """Shard ``k``'s stored features for each (extractor, layer) of ``features`` if its features file is the one
+        its sidecar names (sha256) and holds each as float64 [B, D] for the B samples of the shard; else None.
+        The shard itself must have been checked complete (``load``)."""
+        import torch
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        record = self.record(k)
+        if record is None or not record.features_sha256:
+            return None
+        try:
+            blob = self.features_path(k).read_bytes()
+        except OSError:
+            return None
+        if hashlib.sha256(blob).hexdigest() != record.features_sha256:
+            return None
+        try:
+            stored = load(blob)
+        except (SafetensorError, ValueError):
+            return None
+        size = record.indices[1] - record.indices[0]
+        out = {}
+        for name, layer in features:
+            t = stored.get(f"{name}/{layer}")
+            if t is None or t.dtype != torch.float64 or t.ndim != 2 or len(t) != size:
+                return None
+            out[(name, layer)] = t
+        return out
 
     def record(self, k: int) -> ShardRecord | None:
         try:
@@ -121,8 +169,8 @@ class ShardStore:
         return array, record
 
     def clear(self) -> None:
-        """Remove every shard, sidecar and left-over temporary file (a fresh run into a used folder)."""
-        for folder in (self.dir, self.index):
+        """Remove every shard, sidecar, features file and left-over temporary file (a fresh run into a used folder)."""
+        for folder in (self.dir, self.index, self.features_dir):
             if folder.is_dir():
                 for p in folder.iterdir():
                     if p.name.startswith(("shard-", ".shard-")):
@@ -130,7 +178,7 @@ class ShardStore:
 
     def remove_temporaries(self) -> None:
         """Temporary files of writers killed mid-write: never read, removed on resume."""
-        for folder in (self.dir, self.index):
+        for folder in (self.dir, self.index, self.features_dir):
             for p in folder.glob(".shard-*.tmp*") if folder.is_dir() else ():
                 p.unlink(missing_ok=True)
 
@@ -184,9 +232,10 @@ class ShardSamples:
             raise ValueError(f"sample shard {k} in {self.store.dir} changed since it was checked")
         return array
 
-    def chunks(self, size: int):
+    def chunks(self, size: int, within_shards: bool = False):
         """(first index, uint8 [B, 3, H, W] tensor) of ``size`` samples each (the last may be shorter), in index
-        order; a chunk may span shards. Only the chunk is copied into memory."""
+        order; a chunk may span shards, unless ``within_shards`` (then each shard's last chunk may be shorter).
+        Only the chunk is copied into memory."""
         if size < 1:
             raise ValueError(f"chunk size {size} < 1")
         parts: list[np.ndarray] = []
@@ -198,12 +247,16 @@ class ShardSamples:
                 take = min(size - have, len(array) - pos)
                 parts.append(array[pos : pos + take])
                 have, pos = have + take, pos + take
-                if have == size:
+                if have == size or (within_shards and pos == len(array)):
                     yield start, _chw(parts)
-                    parts, have, start = [], 0, start + size
+                    parts, start, have = [], start + have, 0
             del array
         if parts:
             yield start, _chw(parts)
+
+    def images(self, k: int):
+        """Shard ``k``'s samples as one uint8 [B, 3, H, W] tensor in memory (one batch: what its process held)."""
+        return _chw([self.shard(k)])
 
 
     def take(self, indices: list[int]):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision import transforms
 
+from bench import reuse
 from bench.clip import clip_scores, load_clip, preflight
 from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 from bench.errors import BenchError
@@ -175,13 +176,14 @@ class Backbones:
 
     @functools.cached_property
     def _alex(self):
-        self.preflight_lpips()
-        return lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
+        self.preflight_lpips()  # loaded once per process and shared (bench.reuse): only read
+        return reuse.shared(("lpips", "alex", "0.1"), lambda: lpips.LPIPS(net="alex", version="0.1", verbose=False).eval())
 
     @functools.cached_property
     def _dino(self):
         self.preflight_structure()
-        return torch.hub.load(str(torch_hub_dir() / DINO_REPO), "dino_vitb8", source="local").eval()
+        return reuse.shared(("dino_vitb8", str(torch_hub_dir() / DINO_REPO)),
+                            lambda: torch.hub.load(str(torch_hub_dir() / DINO_REPO), "dino_vitb8", source="local").eval())
 
     @torch.no_grad()
     def lpips(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 
 from bench.errors import BenchError
+from bench.evaluation import FEATURE_BATCH_SIZE
 from bench.extractors import extractor_for
 from bench.interfaces import Metric, ReferenceSet
 from bench.outputs import Output
@@ -24,6 +25,8 @@ KEY_KID_MEAN = "kid_mean"
 KEY_KID_STD = "kid_std"
 KID_SUBSETS = 100
 KID_SUBSET_SIZE_MAX = 1000
+
+
 class FeatureMetric(Metric):
     """Shared protocol of the metrics computed on the data set's feature extractor."""
 
@@ -38,7 +41,13 @@ class FeatureMetric(Metric):
             "reference": reference.identity(),
             "num_samples": spec.num_samples,
             "embedded": reference.embedded,
+            # the extractor's batches (its reductions' order): bench.evaluation.shard_features
+            "sample_features": f"per shard, in chunks of {FEATURE_BATCH_SIZE}",
         }
+
+    def sample_features(self, spec, reference: ReferenceSet) -> tuple[tuple[str, str], ...]:
+        info = extractor_for(reference)
+        return ((info.name, info.layer),)
 
     def check(self, spec, reference: ReferenceSet) -> None:
         if not reference.has_images:

@@ -10,7 +10,7 @@ from bench.errors import BenchError
 
 
 def add_parser(sub, argv: list[str]) -> None:
-    from bench.profile import ARCHS, HarnessBenchmark, LatencyProfile
+    from bench.profile import ARCHS, HarnessBenchmark, LatencyProfile, SweepBenchmark
     from bench.runtime import ATTENTION
     from bench.spec import DTYPES
 
@@ -47,7 +47,8 @@ def add_parser(sub, argv: list[str]) -> None:
         "against time inside the denoiser (bound: at most 3%% more); throughput against diffusers' DDIMPipeline "
         "making the same images (at least 1.0); the metric phase against torch-fidelity's calculate_metrics on the "
         "same images (at most 1.0); a metric phase with cached reference features against the first (at least "
-        "10x faster). Exit 3 if a bound does not hold. Run it with OMP_NUM_THREADS=1 on a quiet machine.")
+        "10x faster); a whole run's time after its last batch (features streamed while sampling) against "
+        "calculate_metrics on its images (at most 0.2). Exit 3 if a bound does not hold. Run it with OMP_NUM_THREADS=1 on a quiet machine.")
     har.add_argument("--num-samples", "-n", type=positive_int, default=h.num_samples, help=f"(default: {h.num_samples})")
     har.add_argument("--steps", type=positive_int, default=h.steps, help=f"DDIM steps (default: {h.steps})")
     har.add_argument("--batch-size", type=positive_int, default=h.batch_size, help=f"(default: {h.batch_size})")
@@ -56,6 +57,21 @@ def add_parser(sub, argv: list[str]) -> None:
     har.add_argument("--only", choices=("sampling", "metrics"), help="one of the two groups")
     har.add_argument("--json", metavar="FILE", help="also write the values as JSON")
     har.set_defaults(func=harness)
+    sw = SweepBenchmark()
+    swp = psub.add_parser(
+        "sweep", help="bench sweep's wall time against its cells' work; Ray workers against the local executor",
+        description=f"Run `bench sweep` over {sw.cells} small cells ({', '.join(sw.methods)} x steps "
+        f"{', '.join(map(str, sw.steps))} x {sw.seeds} seeds, {sw.num_samples} samples each, embedded pixel DDPM) as a "
+        "new process and compare its wall time with the sum of its cells' sampling and metric seconds (bound: at "
+        "most 1.15); then the same sweep on a local Ray cluster of one-CPU workers against the local executor "
+        "(bound: at least 1.6 times the throughput). Exit 3 if a bound does not hold. Run it alone on a quiet machine.")
+    swp.add_argument("--num-samples", "-n", type=positive_int, default=sw.num_samples,
+                     help=f"samples per cell (default: {sw.num_samples}; at least 128: FID)")
+    swp.add_argument("--seeds", type=positive_int, default=sw.seeds, help=f"seeds per configuration (default: {sw.seeds})")
+    swp.add_argument("--ray-workers", type=non_negative_int, default=sw.ray_workers,
+                     help=f"one-CPU Ray workers; 0 leaves the Ray comparison out (default: {sw.ray_workers})")
+    swp.add_argument("--json", metavar="FILE", help="also write the values as JSON")
+    swp.set_defaults(func=sweep)
 
 
 def latency(args) -> int:
@@ -122,6 +138,8 @@ def harness(args) -> int:
                                lambda x: f"{x:.3f}"),
         "cached_metric_speedup": ("cached speedup", "first metric phase / repeat with cached reference features",
                                   lambda x: f"{x:.1f}x"),
+        "streamed_metric_ratio": ("streamed metrics", "a run's seconds after its last batch / calculate_metrics",
+                                  lambda x: f"{x:.3f}"),
     }
     failed = False
     for key, (label, what, fmt) in labels.items():
@@ -130,6 +148,37 @@ def harness(args) -> int:
             bound = f"{'<=' if check['kind'] == 'max' else '>='} {fmt(check['bound'])}"
             print(f"  {label:<20} {fmt(check['value']):>8}  ({bound}: {'holds' if check['holds'] else 'DOES NOT HOLD'}; "
                   f"{what})")
+            failed |= not check["holds"]
+    for key in sorted(set(v) - set(labels)):
+        print(f"  {key:<36} {v[key]:.6g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return 3 if failed else 0
+
+
+def sweep(args) -> int:
+    import os
+
+    from bench.profile import SweepBenchmark, run_sweep_benchmarks
+
+    if args.num_samples < 128:
+        raise BenchError("the sweep benchmark's cells compute FID: --num-samples must be at least 128")
+    bench = SweepBenchmark(num_samples=args.num_samples, seeds=args.seeds, ray_workers=args.ray_workers)
+    result = run_sweep_benchmarks(bench)
+    v, env = result["values"], result["environment"]
+    print(f"sweep benchmarks: {bench.cells} cells ({', '.join(bench.methods)} x steps {', '.join(map(str, bench.steps))} "
+          f"x {bench.seeds} seeds), {bench.num_samples} samples each in batches of {bench.batch_size}, metrics "
+          f"{', '.join(bench.metrics)}; load average {', '.join(f'{x:.2f}' for x in env['load_average_before'])} "
+          f"before, {', '.join(f'{x:.2f}' for x in env['load_average'])} after, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    labels = {"sweep_overhead_ratio": ("sweep overhead", "bench sweep wall / sum of cells' sampling + metric seconds"),
+              "ray_throughput_ratio": ("Ray throughput", f"local executor wall / {bench.ray_workers} one-CPU Ray workers' wall")}
+    failed = False
+    for key, (label, what) in labels.items():
+        if key in result["checks"]:
+            check = result["checks"][key]
+            print(f"  {label:<16} {check['value']:>7.3f}  ({'<=' if check['kind'] == 'max' else '>='} {check['bound']}: "
+                  f"{'holds' if check['holds'] else 'DOES NOT HOLD'}; {what})")
             failed |= not check["holds"]
     for key in sorted(set(v) - set(labels)):
         print(f"  {key:<36} {v[key]:.6g}")
