@@ -255,8 +255,7 @@ def run_task(task: Task) -> dict[str, Any]:
         return {"error": str(exc)}
     return {"run_id": result.run_id, "protocol_hash": plan.protocol_hash, "eval_protocol_hash": plan.eval_protocol_hash,
             "output": str(result.output), "model": plan.model.name, "dataset": plan.spec.dataset,
-            "method_args": canonical_json(dict(plan.spec.method_args)), "values": dict(result.values),
-            "reused_shards": result.extra.get("reused_shards", 0)}
+            "method_args": canonical_json(dict(plan.spec.method_args)), "values": dict(result.values)}
 
 
 def error_text(exc: BaseException) -> str:
@@ -358,14 +357,19 @@ class RayExecutor(Executor):
             self.log(f"{len(tasks)} tasks submitted to Ray ({self.config.ray_address or 'a local instance'}, "
                      f"{self.config.cpus_per_cell} CPU each)")
             outcomes: dict[str, Outcome] = {}
-            while pending:
-                (ref,), _ = ray.wait(list(pending), num_returns=1)
-                task = pending.pop(ref)
-                try:
-                    outcome = self._outcome(ray.get(ref), attempts=_marker_attempts(task))
-                except Exception as exc:  # Ray's retries spent: the last error (RayTaskError, WorkerCrashedError)
-                    outcome = Outcome(None, error_text(exc), self.config.retries + 1)
-                self._end(task, outcome, outcomes, len(tasks), on_result)
+            try:
+                while pending:
+                    (ref,), _ = ray.wait(list(pending), num_returns=1)
+                    task = pending.pop(ref)
+                    try:
+                        outcome = self._outcome(ray.get(ref), attempts=_marker_attempts(task))
+                    except Exception as exc:  # Ray's retries spent: the last error (RayTaskError, WorkerCrashedError)
+                        outcome = Outcome(None, error_text(exc), self.config.retries + 1)
+                    self._end(task, outcome, outcomes, len(tasks), on_result)
+            except KeyboardInterrupt:  # Ctrl-C: the cells still running on a cluster stop too
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
             return outcomes
         finally:
             if started:
@@ -401,6 +405,17 @@ class SlurmExecutor(Executor):
                  f", logs in {self.folder})")
         pending = [(job, task, 1) for job, task in zip(jobs, tasks)]
         outcomes: dict[str, Outcome] = {}
+        try:
+            self._wait(executor, pending, outcomes, len(tasks), on_result)
+        except KeyboardInterrupt:  # Ctrl-C: the jobs still queued or running are cancelled
+            for job, _, _ in pending:
+                job.cancel(check=False)
+            raise
+        return outcomes
+
+    def _wait(self, executor, pending: list, outcomes: dict[str, Outcome], total: int,
+              on_result: OnResult | None) -> None:
+        """Poll the jobs until each has a result, submitting a failed one again while it has retries left."""
         while pending:
             still = []
             for job, task, attempt in pending:
@@ -417,10 +432,9 @@ class SlurmExecutor(Executor):
                     still.append((executor.submit(run_task, task), task, attempt + 1))
                 else:
                     self._end(task, Outcome(None, error_text(exc), attempt), outcomes, len(tasks), on_result)
-            pending = still
+            pending[:] = still
             if pending:
                 time.sleep(POLL_SECONDS)
-        return outcomes
 
 
 def _job_done(job) -> bool:

@@ -107,11 +107,16 @@ def test_submitit_local_sweep_gives_the_local_summary(reference, tiny_model_dir,
     assert list((here / "out" / "slurm").glob("*_submitted.pkl"))  # the jobs went through submitit
 
 
-def test_cell_killed_mid_run_is_retried_resumed_and_the_sweep_completes(reference, tiny_model_dir, here):
-    """SIGKILL the job of the first cell that wrote a shard; submitit reports it failed, the executor submits it
-    again, and the new job resumes the cell (its shards kept, its MLflow run reopened)."""
+@pytest.mark.parametrize("executor", ["slurm", "ray"])
+def test_cell_killed_mid_run_is_retried_resumed_and_the_sweep_completes(executor, reference, tiny_model_dir, here,
+                                                                        request):
+    """SIGKILL the process of the first cell that wrote a shard (a submitit job, a Ray worker); the job is submitted
+    again (Ray retries the task), and the new attempt resumes the cell: its shards kept, its MLflow run reopened."""
+    if executor == "ray":
+        request.getfixturevalue("ray_instance")
+    args = SUBMITIT if executor == "slurm" else ["--executor", "ray"]
     result = {}
-    thread = threading.Thread(target=lambda: result.setdefault("rc", sweep(here, tiny_model_dir, *SUBMITIT)))
+    thread = threading.Thread(target=lambda: result.setdefault("rc", sweep(here, tiny_model_dir, *args)))
     thread.start()
     killed = None
     deadline = time.monotonic() + 300
