@@ -176,3 +176,23 @@ def test_missing_package_is_one_line(tiny_model_dir, here, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'diffbench[scale]'" in err
     assert not (here / "out").exists()
+
+
+def test_claims_make_their_runs_through_an_executor(ray_instance, here):
+    """bench claims: reuse is looked up here, the runs to make go to Ray, their claims are decided from them."""
+    from bench.claims import execute_plan, judge, plan_claims, select_claims
+    from bench.executors import ExecutorConfig, RayExecutor
+    from bench.spec import RunSpec
+    from bench.tracking import Tracker
+
+    os.chdir(here)
+    refs = [r for r in select_claims(["cfg-rescale"]) if r.claim.id == "zero-terminal-snr-reaches-darker"]
+    plan = plan_claims(refs, quick=True, base=RunSpec(device="cpu"), num_samples=16, seeds=(0, 1))
+    tracker = Tracker("sqlite:///mlflow.db", "claims-test")  # relative: the workers get it made absolute
+    tracker.check()
+    done = execute_plan(plan, tracker, progress=False, log=lambda line: None,
+                        executor=RayExecutor(ExecutorConfig(name="ray"), log=lambda line: None))
+    assert not done.errors and done.made == len(plan.runs) == 4
+    assert judge(plan, done.results, done.errors, done.run_ids)[0].verdict != "not measured"
+    again = execute_plan(plan, tracker, progress=False, log=lambda line: None)
+    assert again.made == 0 and again.reused == 4  # the Ray workers' runs are in the command's store and experiment
