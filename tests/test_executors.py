@@ -141,7 +141,8 @@ def test_cell_killed_mid_run_is_retried_resumed_and_the_sweep_completes(executor
     assert json.loads((killed / "executor.json").read_text())["attempts"] == 2
 
 
-def test_cell_that_always_fails_is_reported_and_the_others_complete(tiny_model_dir, here, capsys):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_cell_that_always_fails_is_reported_and_the_others_complete(executor, tiny_model_dir, here, capsys, request):
     """A file where the cell's samples folder goes: planning passes, every attempt fails at its first shard."""
     from bench.runner import plan_run
     from bench.spec import RunSpec
@@ -152,7 +153,9 @@ def test_cell_that_always_fails_is_reported_and_the_others_complete(tiny_model_d
     broken = plan_run(cell_spec(base, Cell("ddpm", 10, 1), "sweep")).output.resolve()
     (broken / "samples").write_text("not a folder\n")
 
-    assert sweep(here, tiny_model_dir, "--retries", "1") == 1
+    if executor == "ray":
+        request.getfixturevalue("ray_instance")
+    assert sweep(here, tiny_model_dir, "--retries", "1", "--executor", executor) == 1
     out, err = capsys.readouterr()
     (line,) = [x for x in err.splitlines() if x.startswith("bench: cell")]
     assert "ddpm 10 steps, seed 1 failed after 2 attempt(s)" in line and "samples" in line
