@@ -401,8 +401,8 @@ class SlurmExecutor(Executor):
         executor.update_parameters(**self.parameters(tasks))
         tasks = [_with_threads(t, self.config.slurm_cpus_per_task) for t in tasks]
         jobs = executor.map_array(run_task, tasks)
-        self.log(f"{len(tasks)} tasks submitted as a job array ({executor.cluster}; job {jobs[0].job_id if jobs else '-'}"
-                 f", logs in {self.folder})")
+        first = jobs[0].job_id if jobs else "-"
+        self.log(f"{len(tasks)} tasks submitted as a job array ({executor.cluster}; job {first}, logs in {self.folder})")
         pending = [(job, task, 1) for job, task in zip(jobs, tasks)]
         outcomes: dict[str, Outcome] = {}
         try:
@@ -424,14 +424,14 @@ class SlurmExecutor(Executor):
                     continue
                 exc = job.exception()
                 if exc is None:
-                    self._end(task, self._outcome(job.result(), _marker_attempts(task)), outcomes, len(tasks),
+                    self._end(task, self._outcome(job.result(), _marker_attempts(task)), outcomes, total,
                               on_result)
                 elif attempt <= self.config.retries:
                     self.log(f"{task.label}: job {job.job_id} {error_text(exc)}; submitted again (attempt "
                              f"{attempt + 1}, resumed)")
                     still.append((executor.submit(run_task, task), task, attempt + 1))
                 else:
-                    self._end(task, Outcome(None, error_text(exc), attempt), outcomes, len(tasks), on_result)
+                    self._end(task, Outcome(None, error_text(exc), attempt), outcomes, total, on_result)
             pending[:] = still
             if pending:
                 time.sleep(POLL_SECONDS)

@@ -20,8 +20,8 @@ from bench.cli.main import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 2 methods x 1 step count x 2 seeds; 8 batches per cell leave time to kill one mid-run
-SWEEP = ["sweep", "--method", "ddim,ddpm", "--steps", "10", "--seeds", "2", "--num-samples", "128", "--batch-size", "16",
-         "--metrics", "fid", "--no-progress"]
+SWEEP = ["sweep", "--method", "ddim,ddpm", "--steps", "10", "--seeds", "2", "--num-samples", "128",
+         "--batch-size", "16", "--metrics", "fid", "--no-progress"]
 CELLS = [("ddim-10steps", "0"), ("ddim-10steps", "1"), ("ddpm-10steps", "0"), ("ddpm-10steps", "1")]
 # one thread per submitit job: four jobs share this machine's two cores
 SUBMITIT = ["--executor", "slurm", "--slurm-cluster", "local", "--slurm-cpus-per-task", "1"]
