@@ -129,7 +129,31 @@ def executor_config(cli: Mapping[str, Any], suite: Mapping[str, Any] | None = No
             raise BenchError(f"{origin} must be one of {', '.join(SLURM_CLUSTERS)}, got {value!r}")
     config = ExecutorConfig(**{f.name: merged[f.name] for f in fields(ExecutorConfig) if f.name in merged})
     _import(config.name)  # a missing package is bad input now, not after the runs are planned
+    if config.name == "ray" and config.ray_address is not None:
+        check_ray_address(config.ray_address)
     return config
+
+
+def check_ray_address(address: str) -> None:
+    """A cluster's address must answer a TCP connection: ray.init would wait for minutes on one that does not.
+    ``auto`` (the cluster ``ray start`` made on this machine) is left to Ray."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise BenchError(f"Ray address {address!r} must be auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        raise BenchError(f"nothing answers at the Ray address {address} ({exc.strerror or exc}); start the cluster "
+                         f"(ray start --head) or leave --ray-address out for a local instance") from None
 
 
 def _import(name: str):
