@@ -199,3 +199,22 @@ def test_claims_make_their_runs_through_an_executor(ray_instance, here):
     assert judge(plan, done.results, done.errors, done.run_ids)[0].verdict != "not measured"
     again = execute_plan(plan, tracker, progress=False, log=lambda line: None)
     assert again.made == 0 and again.reused == 4  # the Ray workers' runs are in the command's store and experiment
+
+
+def test_suite_options_under_the_command_line_and_one_warning_for_a_file_store_on_a_cluster(here, capsys):
+    from bench.executors import ExecutorConfig, absolute_uri, executor_config, suite_options, warn_if_local_store
+
+    suite = suite_options({"retries": 3, "slurm": {"partition": "gpu", "time": 60}, "ray": {"cpus_per_cell": 4}}, "s")
+    config = executor_config({"name": "slurm", "slurm_time": 30}, suite)
+    assert (config.retries, config.slurm_partition, config.slurm_time, config.cpus_per_cell) == (3, "gpu", 30, 4)
+
+    os.chdir(here)
+    assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{here.resolve()}/mlflow.db"
+    assert absolute_uri("http://mlflow.internal:5000") == "http://mlflow.internal:5000"
+    for name, cluster, uri, warned in [("slurm", None, "sqlite:///mlflow.db", True),
+                                       ("slurm", None, "http://mlflow.internal:5000", False),
+                                       ("slurm", "local", "sqlite:///mlflow.db", False),
+                                       ("ray", None, "sqlite:///mlflow.db", False)]:  # a local Ray instance
+        warn_if_local_store(ExecutorConfig(name=name, slurm_cluster=cluster), uri)
+        err = capsys.readouterr().err
+        assert (err.count("docs/tracking.md") == 1) == warned, (name, cluster, uri, err)
