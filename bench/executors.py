@@ -303,14 +303,14 @@ OnResult = Callable[[Task, Outcome], None]
 class Executor:
     """Runs tasks; ``run`` calls ``on_result`` as each task ends and returns every outcome by task key."""
 
+    announce_ends = True  # a line as each task ends (tasks that run elsewhere, in any order)
+
     def __init__(self, config: ExecutorConfig, log: Callable[[str], None] | None = None):
         self.config = config
         self.log = log or (lambda line: print(line, flush=True))
 
     def run(self, tasks: Sequence[Task], on_result: OnResult | None = None) -> dict[str, Outcome]:
         raise NotImplementedError
-
-    announce_ends = True  # a line as each task ends (tasks that run elsewhere, in any order)
 
     def _end(self, task: Task, outcome: Outcome, outcomes: dict[str, Outcome], total: int,
              on_result: OnResult | None) -> None:
