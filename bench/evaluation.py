@@ -63,6 +63,7 @@ class SamplingTimings:
     batch_calls: list[int] = field(default_factory=list)  # denoiser calls per batch (NFE)
     call_seconds: list[list[float]] = field(default_factory=list)  # per batch, per call
     batch_warmup: list[bool] = field(default_factory=list)  # per batch: warm-up of its process ([]: the first ones)
+    feature_seconds: list[float] = field(default_factory=list)  # per batch: extracting its streamed features
     peak_memory_bytes: int = 0
     memory_source: str = ""
 

@@ -18,6 +18,7 @@ back as they finish; callers order them (a sweep's rows are in cell order whatev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -196,6 +197,18 @@ class Task:
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep, sweep_cell, ...)
     progress: bool = False
     threads: int | None = None  # torch threads of the worker (the CPUs it was given); None: leave them
+    # the driver's Plan, for a task run in the driver's own process (the local executor): used once, so that a
+    # retry plans afresh; never pickled (a Ray or Slurm worker plans the spec itself)
+    plan: Any = field(default=None, compare=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "plan": None}
+
+    def take_plan(self):
+        """The driver's plan, once (then None)."""
+        plan = self.plan
+        object.__setattr__(self, "plan", None)
+        return plan
 
 
 @dataclass
@@ -231,7 +244,7 @@ def task_for(plan, key: str, label: str, tracker, token: str, tags: Mapping[str,
     """The task of a planned run (bench.runner.Plan), recorded in ``tracker``'s store and experiment."""
     spec = plan.spec.replace(output=str(Path(plan.output).resolve()))
     return Task(key, label, spec.to_dict(), plan.protocol_hash, absolute_uri(tracker.uri), tracker.experiment, token,
-                dict(tags or {}), progress)
+                dict(tags or {}), progress, plan=dataclasses.replace(plan, spec=spec, output=Path(spec.output)))
 
 
 def _starts(folder: Path, token: str) -> bool:
@@ -267,8 +280,7 @@ def run_task(task: Task) -> dict[str, Any]:
 
         torch.set_num_threads(task.threads)
     try:
-        spec = RunSpec(**task.spec)
-        plan = plan_run(spec)
+        plan = task.take_plan() or plan_run(RunSpec(**task.spec))
         if plan.protocol_hash != task.protocol_hash:
             raise BenchError(f"{task.label}: this worker computes protocol {plan.protocol_hash[:12]}, the command "
                              f"planned {task.protocol_hash[:12]}: it has other code, packages or weights")

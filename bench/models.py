@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import snapshot_download
-from transformers.utils import logging as transformers_logging
 
 from bench import reuse
 from bench.catalog import MODELS
@@ -160,6 +159,8 @@ def pipeline_class(folder: Path) -> str | None:
 @contextlib.contextmanager
 def _quiet_loading():
     """No per-component loading bars from diffusers and transformers: a run prints its own progress."""
+    from transformers.utils import logging as transformers_logging
+
     was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
@@ -187,6 +188,10 @@ def _load_text_to_image(folder: Path, source: str, name: str | None, embedded: b
     missing = [f for f in SD_WEIGHT_FILES if not (folder / f).exists()]
     if missing:
         raise BenchError(f"{folder} lacks {', '.join(missing)} (safetensors weights are required; nothing is unpickled)")
+    # imported here: the pipeline pulls in transformers and diffusers' loaders (seconds), which runs of pixel models
+    # (and every Ray or Slurm worker that makes them) do not need
+    from diffusers import StableDiffusionPipeline
+
     try:
         with _quiet_loading():
             pipe = StableDiffusionPipeline.from_pretrained(

@@ -56,6 +56,7 @@ RUN_OUTPUTS: tuple[Output, ...] = (
     Output("nfe", "NFE", "lower", "g", "nfe", 0.0),  # counted, whatever the protocol: nothing to match
     Output("num_samples", "samples", "none", ".0f", None, None),
     Output("metric_seconds", "metric phase s (after the last batch)", "lower", ".2f", "latency", None),
+    Output("streamed_feature_seconds", "feature extraction s (while sampling)", "lower", ".2f", "latency", None),
     Output("train_steps", "training steps", "none", ".0f", None, None),
     Output("train_params", "trained params", "none", ",.0f", None, None),
     Output("train_seconds", "training s", "lower", ".1f", None, None),

@@ -466,9 +466,10 @@ def _timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
 
 
 def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> dict[str, Any]:
-    """Wall time of `bench sweep` (a new process, as a user starts it) against the sum of its cells' sampling and
-    metric seconds; then the same sweep on a running local Ray cluster of ``ray_workers`` one-CPU workers against
-    the local executor (throughput: cells per second of wall time). The MLflow store and the reference-feature
+    """Wall time of `bench sweep` (a new process, as a user starts it, all cores) against the sum of its cells'
+    sampling, streamed-feature and metric seconds; then the same sweep on a running local Ray cluster of
+    ``ray_workers`` one-CPU workers against the local executor with one thread (throughput: cells per second of
+    wall time; the same CPUs per cell, so the ratio is the scale-out), and against the all-cores local run. The MLflow store and the reference-feature
     cache exist before the timed commands (a warm-up run makes them: a user's second sweep); the Ray cluster is
     started before its sweep is timed, and its start time is reported apart."""
     import csv
@@ -494,19 +495,25 @@ def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> 
                           "--tracking-uri", uri, "--output", str(root / "warm-up"), "--no-progress"), env,
            root / "warm-up.log")
 
-    def sweep(name: str, *extra: str) -> tuple[float, list[dict[str, str]]]:
+    def sweep(name: str, *extra: str, threads: int | None = None) -> tuple[float, list[dict[str, str]]]:
         out = root / name
+        run_env = env if threads is None else {**env, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         seconds = _timed(_bench_command("sweep", "--suite", str(root / "suite.yaml"), "--tracking-uri", uri,
-                                        "--out", str(out), "--no-progress", *extra), env, root / f"{name}.log")
+                                        "--out", str(out), "--no-progress", *extra), run_env, root / f"{name}.log")
         with open(out / "runs.csv", newline="") as fh:
             return seconds, list(csv.DictReader(fh))
 
     values: dict[str, float] = {}
     wall, rows = sweep("local")
-    cell_seconds = sum(float(r["sampling_seconds"]) + float(r["metric_seconds"]) for r in rows)
+    cell_seconds = sum(float(r["sampling_seconds"]) + float(r["streamed_feature_seconds"]) + float(r["metric_seconds"])
+                       for r in rows)  # a cell's work: its batches, its features (extracted as they are made), metrics
     values.update(sweep_seconds=wall, cells=float(len(rows)), cells_sampling_and_metric_seconds=cell_seconds,
                   sweep_overhead_ratio=wall / cell_seconds)
     if bench.ray_workers:
+        # the scale-out comparison gives every cell the same CPUs: one thread in the local executor and in each
+        # Ray worker (Ray sets a one-CPU task's OMP_NUM_THREADS to 1); against all-cores local, for the record
+        one_wall, one_rows = sweep("local-1-thread", threads=1)
+        values["sweep_one_thread_seconds"] = one_wall
         ray = shutil.which("ray", path=str(Path(os.sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise BenchError("the Ray comparison needs Ray: pip install 'diffbench[scale]' (or pass --ray-workers 0)")
@@ -519,10 +526,12 @@ def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> 
             ray_wall, ray_rows = sweep("ray", "--executor", "ray", "--ray-address", "auto", "--cpus-per-cell", "1")
         finally:
             subprocess.run([ray, "stop", "--force"], env=ray_env, capture_output=True)
-        if [[r[c] for c in SWEEP_SAME_COLUMNS] for r in ray_rows] != [[r[c] for c in SWEEP_SAME_COLUMNS] for r in rows]:
+        if not ([[r[c] for c in SWEEP_SAME_COLUMNS] for r in ray_rows] == [[r[c] for c in SWEEP_SAME_COLUMNS] for r in rows]
+                == [[r[c] for c in SWEEP_SAME_COLUMNS] for r in one_rows]):
             raise BenchError("the Ray executor's cells have other values than the local executor's; the comparison "
                              "is void")
-        values.update(ray_sweep_seconds=ray_wall, ray_throughput_ratio=wall / ray_wall)
+        values.update(ray_sweep_seconds=ray_wall, ray_throughput_ratio=one_wall / ray_wall,
+                      ray_throughput_ratio_against_all_threads=wall / ray_wall)
     if tmp:
         tmp.cleanup()
     checks = {k: {"value": values[k], "bound": b, "kind": kind, "holds": values[k] <= b if kind == "max" else values[k] >= b}

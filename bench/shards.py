@@ -56,6 +56,7 @@ class ShardRecord:
     shape: tuple[int, ...] = ()  # set by ShardStore.write
     sha256: str = ""  # of the .npy file's bytes; set by ShardStore.write
     features_sha256: str = ""  # of its features file's bytes ("": none; sidecars older than streamed features)
+    feature_seconds: float = 0.0  # time extracting its streamed features (metric work done while sampling)
 
     def to_json(self) -> str:
         return json.dumps({"format": SIDECAR_FORMAT, "dtype": "uint8", **self.__dict__}, indent=1, sort_keys=True)
