@@ -240,11 +240,16 @@ def absolute_uri(uri: str) -> str:
 
 
 def task_for(plan, key: str, label: str, tracker, token: str, tags: Mapping[str, str] | None = None,
-             progress: bool = False) -> Task:
-    """The task of a planned run (bench.runner.Plan), recorded in ``tracker``'s store and experiment."""
+             progress: bool = False, keep_plan: bool = False) -> Task:
+    """The task of a planned run (bench.runner.Plan), recorded in ``tracker``'s store and experiment.
+
+    ``keep_plan``: the task carries the plan itself (its model included) for a local executor to run without
+    planning again; for callers that hold their plans anyway (a sweep's), never for plans that would otherwise be
+    dropped (N plans kept alive would be N models in memory)."""
     spec = plan.spec.replace(output=str(Path(plan.output).resolve()))
+    kept = dataclasses.replace(plan, spec=spec, output=Path(spec.output)) if keep_plan else None
     return Task(key, label, spec.to_dict(), plan.protocol_hash, absolute_uri(tracker.uri), tracker.experiment, token,
-                dict(tags or {}), progress, plan=dataclasses.replace(plan, spec=spec, output=Path(spec.output)))
+                dict(tags or {}), progress, plan=kept)
 
 
 def _starts(folder: Path, token: str) -> bool:

@@ -287,7 +287,7 @@ def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, o
         cells[key] = i, cell
         label = f"{what}{cell.label()} {cell.steps} steps, seed {cell.seed}"
         tasks.append(task_for(plan, key, label, tracker, token, {"sweep": name, "sweep_id": sid,
-                                                                 "sweep_cell": cell.key()}, progress))
+                                                                 "sweep_cell": cell.key()}, progress, keep_plan=True))
     rows: dict[int, dict[str, Any]] = {}
     failures: dict[int, dict[str, Any]] = {}
 

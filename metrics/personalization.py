@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import get_featuresdict_from_dataset
 from transformers import AutoImageProcessor, ViTModel
 
 from bench.clip import EMBEDDED_BACKBONE, load_clip, preflight, weights_digest
@@ -41,8 +41,8 @@ from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
 from bench.embedded.feature_net import to_input
 from bench.embedded.shapes import ALL_COLORS, ALL_SHAPES, HELDOUT_COLORS, HELDOUT_SHAPES
 from bench.errors import BenchError
-from bench.evaluation import UInt8Images
-from bench.extractors import EXTRACTORS, ensure_registered, shapes_digest
+from bench.evaluation import UInt8Images, feature_extractor
+from bench.extractors import EXTRACTORS, shapes_digest
 from bench.interfaces import Metric, ReferenceSet
 from bench.models import resolve_folder
 from bench.outputs import Output
@@ -268,8 +268,7 @@ def frechet_distance(images_a: torch.Tensor, images_b: torch.Tensor, extractor: 
         raise BenchError(f"prior drift: FID on {info.dim}-d {extractor} features needs at least {2 * info.dim} "
                          f"samples per set, got {len(images_a)} and {len(images_b)}")
     info.preflight()
-    ensure_registered()
-    fe = create_feature_extractor(info.name, [info.layer], cuda=False, verbose=False)
+    fe = feature_extractor(info.name, info.layer, torch.device("cpu"))  # the process's shared one (bench.reuse)
     stats = []
     for images in (images_a, images_b):
         feats = get_featuresdict_from_dataset(UInt8Images(images), fe, 200, False, save_cpu_ram=True, verbose=False)

@@ -218,3 +218,23 @@ def test_suite_options_under_the_command_line_and_one_warning_for_a_file_store_o
         warn_if_local_store(ExecutorConfig(name=name, slurm_cluster=cluster), uri)
         err = capsys.readouterr().err
         assert (err.count("docs/tracking.md") == 1) == warned, (name, cluster, uri, err)
+
+
+def test_a_task_carries_its_plan_only_in_this_process_and_only_once(tmp_path):
+    """The local executor runs the driver's plan; a pickled task (a Ray or Slurm worker's) leaves the plan and its
+    model behind, and a retry plans afresh."""
+    import pickle
+
+    from bench.executors import task_for
+    from bench.runner import plan_run
+    from bench.spec import RunSpec
+    from bench.tracking import Tracker
+
+    plan = plan_run(RunSpec(method="ddim", steps=2, num_samples=128, output=str(tmp_path / "run")))
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "x")
+    assert task_for(plan, "k", "k", tracker, "t").plan is None  # by default a task is only its spec
+    task = task_for(plan, "k", "k", tracker, "t", keep_plan=True)
+    assert task.plan is not None and task.plan.model is plan.model
+    shipped = pickle.loads(pickle.dumps(task))
+    assert shipped.plan is None and shipped.spec == task.spec and shipped.protocol_hash == plan.protocol_hash
+    assert task.take_plan() is not None and task.take_plan() is None
