@@ -217,6 +217,12 @@ BOUNDS = {  # name: (bound, "max" or "min"): issue 6's
 }
 
 
+def check_bounds(values: dict[str, float], bounds: dict[str, tuple[float, str]]) -> dict[str, dict[str, Any]]:
+    """Each bounded value that was measured: value, bound, kind ("max" or "min") and whether it holds."""
+    return {k: {"value": values[k], "bound": b, "kind": kind, "holds": values[k] <= b if kind == "max" else values[k] >= b}
+            for k, (b, kind) in bounds.items() if k in values}
+
+
 def _plan(bench: HarnessBenchmark, output: Path, metrics: tuple[str, ...]):
     from bench.runner import plan_run  # lazy: bench.cli imports this module at startup
 
@@ -410,8 +416,7 @@ def run_harness_benchmarks(bench: HarnessBenchmark, only: tuple[str, ...] = ("sa
             values, samples = {}, sample(_plan(bench, workdir / "run", ("latency",)), progress=False)[0]
         if "metrics" in only:
             values.update(metric_benchmarks(bench, samples, workdir, raw))
-    checks = {k: {"value": values[k], "bound": b, "kind": kind, "holds": values[k] <= b if kind == "max" else values[k] >= b}
-              for k, (b, kind) in BOUNDS.items() if k in values}
+    checks = check_bounds(values, BOUNDS)
     return {"benchmark": dataclasses.asdict(bench), "values": values, "checks": checks, "repeats": raw,
             "environment": {"load_average_before": load_before, "load_average": os.getloadavg(),
                             "torch_threads": torch.get_num_threads(),
@@ -465,22 +470,28 @@ def _timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
     return seconds
 
 
-def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> dict[str, Any]:
+def run_sweep_benchmarks(bench: SweepBenchmark) -> dict[str, Any]:
     """Wall time of `bench sweep` (a new process, as a user starts it, all cores) against the sum of its cells'
     sampling, streamed-feature and metric seconds; then the same sweep on a running local Ray cluster of
     ``ray_workers`` one-CPU workers against the local executor with one thread (throughput: cells per second of
-    wall time; the same CPUs per cell, so the ratio is the scale-out), and against the all-cores local run. The MLflow store and the reference-feature
-    cache exist before the timed commands (a warm-up run makes them: a user's second sweep); the Ray cluster is
+    wall time; the same CPUs per cell, so the ratio is the scale-out), and against the all-cores local run. The
+    MLflow store and the reference-feature cache exist before the timed commands (a warm-up run makes them: a user's second sweep); the Ray cluster is
     started before its sweep is timed, and its start time is reported apart."""
+    with tempfile.TemporaryDirectory(prefix="diffbench-sweep-") as tmp:
+        values = _sweep_benchmarks(bench, Path(tmp))
+    return {"benchmark": dataclasses.asdict(bench), "values": values, "checks": check_bounds(values, SWEEP_BOUNDS),
+            "environment": {"load_average_before": values.pop("load_average_before"),
+                            "load_average": os.getloadavg(), "cpu_count": os.cpu_count()}}
+
+
+def _sweep_benchmarks(bench: SweepBenchmark, root: Path) -> dict[str, Any]:
     import csv
     import shutil
     import subprocess
+    import sys
 
     import yaml
 
-    tmp = tempfile.TemporaryDirectory(prefix="diffbench-sweep-") if workdir is None else None
-    root = Path(tmp.name if tmp else workdir)
-    root.mkdir(parents=True, exist_ok=True)
     # the local executor with its default threads (all cores): the thread limits of this process are not passed on
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(DIFFBENCH_CACHE=str(root / "cache"), PYTHONUNBUFFERED="1")
@@ -503,7 +514,7 @@ def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> 
         with open(out / "runs.csv", newline="") as fh:
             return seconds, list(csv.DictReader(fh))
 
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {"load_average_before": load_before}
     wall, rows = sweep("local")
     cell_seconds = sum(float(r["sampling_seconds"]) + float(r["streamed_feature_seconds"]) + float(r["metric_seconds"])
                        for r in rows)  # a cell's work: its batches, its features (extracted as they are made), metrics
@@ -514,7 +525,7 @@ def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> 
         # Ray worker (Ray sets a one-CPU task's OMP_NUM_THREADS to 1); against all-cores local, for the record
         one_wall, one_rows = sweep("local-1-thread", threads=1)
         values["sweep_one_thread_seconds"] = one_wall
-        ray = shutil.which("ray", path=str(Path(os.sys.executable).parent)) or shutil.which("ray")
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise BenchError("the Ray comparison needs Ray: pip install 'diffbench[scale]' (or pass --ray-workers 0)")
         ray_env = {**env, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -526,16 +537,12 @@ def run_sweep_benchmarks(bench: SweepBenchmark, workdir: Path | None = None) -> 
             ray_wall, ray_rows = sweep("ray", "--executor", "ray", "--ray-address", "auto", "--cpus-per-cell", "1")
         finally:
             subprocess.run([ray, "stop", "--force"], env=ray_env, capture_output=True)
-        if not ([[r[c] for c in SWEEP_SAME_COLUMNS] for r in ray_rows] == [[r[c] for c in SWEEP_SAME_COLUMNS] for r in rows]
-                == [[r[c] for c in SWEEP_SAME_COLUMNS] for r in one_rows]):
+        def same(runs: list[dict[str, str]]) -> list[list[str]]:
+            return [[r[c] for c in SWEEP_SAME_COLUMNS] for r in runs]
+
+        if not same(ray_rows) == same(rows) == same(one_rows):
             raise BenchError("the Ray executor's cells have other values than the local executor's; the comparison "
                              "is void")
         values.update(ray_sweep_seconds=ray_wall, ray_throughput_ratio=one_wall / ray_wall,
                       ray_throughput_ratio_against_all_threads=wall / ray_wall)
-    if tmp:
-        tmp.cleanup()
-    checks = {k: {"value": values[k], "bound": b, "kind": kind, "holds": values[k] <= b if kind == "max" else values[k] >= b}
-              for k, (b, kind) in SWEEP_BOUNDS.items() if k in values}
-    return {"benchmark": dataclasses.asdict(bench), "values": values, "checks": checks,
-            "environment": {"load_average_before": load_before, "load_average": os.getloadavg(),
-                            "cpu_count": os.cpu_count()}}
+    return values

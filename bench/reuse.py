@@ -31,7 +31,7 @@ T = TypeVar("T")
 MAX_COPIED = 2
 
 _lock = threading.RLock()
-_shared: dict[Hashable, Any] = {}
+_shared: OrderedDict[Hashable, Any] = OrderedDict()
 _copied: OrderedDict[Hashable, Any] = OrderedDict()
 stats = {"hits": 0, "misses": 0}
 
@@ -40,33 +40,31 @@ def enabled() -> bool:
     return os.environ.get("DIFFBENCH_REUSE", "1") != "0"
 
 
+def _kept(store: OrderedDict, key: Hashable, make: Callable[[], T], limit: int | None) -> T:
+    """The object kept in ``store`` for ``key``, made on first use; at most ``limit`` kept (least recently used out)."""
+    with _lock:
+        if key in store:
+            stats["hits"] += 1
+            store.move_to_end(key)
+            return store[key]
+        stats["misses"] += 1
+        value = store[key] = make()
+        while limit is not None and len(store) > limit:
+            store.popitem(last=False)
+        return value
+
+
 def shared(key: Hashable, make: Callable[[], T]) -> T:
     """The object ``make()`` returned for ``key`` in this process, made on first use; the same object each time."""
-    if not enabled():
-        return make()
-    with _lock:
-        if key in _shared:
-            stats["hits"] += 1
-            return _shared[key]
-        stats["misses"] += 1
-        value = _shared[key] = make()
-        return value
+    return _kept(_shared, key, make, None) if enabled() else make()
 
 
 def copied(key: Hashable, make: Callable[[], T]) -> T:
     """A deep copy of the object ``make()`` returned for ``key`` in this process (made on first use)."""
     if not enabled():
         return make()
-    with _lock:
-        if key in _copied:
-            stats["hits"] += 1
-            _copied.move_to_end(key)
-        else:
-            stats["misses"] += 1
-            _copied[key] = make()
-            while len(_copied) > MAX_COPIED:
-                _copied.popitem(last=False)
-        return copy.deepcopy(_copied[key])
+    with _lock:  # not evicted or copied by another thread while this one copies it
+        return copy.deepcopy(_kept(_copied, key, make, MAX_COPIED))
 
 
 def clear() -> None:

@@ -40,6 +40,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _verified_bytes(path: Path, sha256: str) -> bytes | None:
+    """The file's bytes if it exists and its sha256 is ``sha256`` (a non-empty digest); else None."""
+    if not sha256:
+        return None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None
+
+
 @dataclass
 class ShardRecord:
     """What a sidecar says about its shard: identity, content digest and the batch's timings."""
@@ -110,13 +121,8 @@ class ShardStore:
         from safetensors.torch import load
 
         record = self.record(k)
-        if record is None or not record.features_sha256:
-            return None
-        try:
-            blob = self.features_path(k).read_bytes()
-        except OSError:
-            return None
-        if hashlib.sha256(blob).hexdigest() != record.features_sha256:
+        blob = _verified_bytes(self.features_path(k), record.features_sha256) if record else None
+        if blob is None:
             return None
         try:
             stored = load(blob)
@@ -155,11 +161,8 @@ class ShardStore:
         expected = (indices[1] - indices[0], *(record.shape[1:] if sample_shape is None else sample_shape))
         if record.shape != expected:
             return None
-        try:
-            data = self.path(k).read_bytes()
-        except OSError:
-            return None
-        if hashlib.sha256(data).hexdigest() != record.sha256:
+        data = _verified_bytes(self.path(k), record.sha256)
+        if data is None:
             return None
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)

@@ -123,7 +123,6 @@ def harness(args) -> int:
     if bench.num_samples < 128 and args.only != "sampling":
         raise BenchError("the metric benchmarks compute FID: --num-samples must be at least 128")
     result = run_harness_benchmarks(bench, (args.only,) if args.only else ("sampling", "metrics"))
-    v = result["values"]
     print(f"harness benchmarks: embedded-ddpm, DDIM {bench.steps} steps, {bench.num_samples} samples in batches of "
           f"{bench.batch_size}, medians of {bench.repeats} interleaved repeats; load average (1, 5, 15 min) "
           f"{', '.join(f'{x:.2f}' for x in result['environment']['load_average_before'])} before, "
@@ -141,6 +140,12 @@ def harness(args) -> int:
         "streamed_metric_ratio": ("streamed metrics", "a run's seconds after its last batch / calculate_metrics",
                                   lambda x: f"{x:.3f}"),
     }
+    return report_checks(result, labels, args.json)
+
+
+def report_checks(result: dict, labels: dict, json_path: str | None) -> int:
+    """Print each bound's check (label, value, bound, verdict, what it measures) then the other values; write the
+    result as JSON if asked. 3 if a bound does not hold, else 0. ``labels``: key -> (label, what, format)."""
     failed = False
     for key, (label, what, fmt) in labels.items():
         if key in result["checks"]:
@@ -149,10 +154,11 @@ def harness(args) -> int:
             print(f"  {label:<20} {fmt(check['value']):>8}  ({bound}: {'holds' if check['holds'] else 'DOES NOT HOLD'}; "
                   f"{what})")
             failed |= not check["holds"]
-    for key in sorted(set(v) - set(labels)):
-        print(f"  {key:<36} {v[key]:.6g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    values = result["values"]
+    for key in sorted(set(values) - set(labels)):
+        print(f"  {key:<36} {values[key]:.6g}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 3 if failed else 0
 
 
@@ -165,24 +171,15 @@ def sweep(args) -> int:
         raise BenchError("the sweep benchmark's cells compute FID: --num-samples must be at least 128")
     bench = SweepBenchmark(num_samples=args.num_samples, seeds=args.seeds, ray_workers=args.ray_workers)
     result = run_sweep_benchmarks(bench)
-    v, env = result["values"], result["environment"]
+    env = result["environment"]
     print(f"sweep benchmarks: {bench.cells} cells ({', '.join(bench.methods)} x steps {', '.join(map(str, bench.steps))} "
           f"x {bench.seeds} seeds), {bench.num_samples} samples each in batches of {bench.batch_size}, metrics "
           f"{', '.join(bench.metrics)}; load average {', '.join(f'{x:.2f}' for x in env['load_average_before'])} "
           f"before, {', '.join(f'{x:.2f}' for x in env['load_average'])} after, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    labels = {"sweep_overhead_ratio": ("sweep overhead", "bench sweep wall / sum of cells' sampling + metric seconds"),
-              "ray_throughput_ratio": ("Ray throughput", f"local executor (one thread) wall / {bench.ray_workers} one-CPU Ray "
-                                                  f"workers' wall")}
-    failed = False
-    for key, (label, what) in labels.items():
-        if key in result["checks"]:
-            check = result["checks"][key]
-            print(f"  {label:<16} {check['value']:>7.3f}  ({'<=' if check['kind'] == 'max' else '>='} {check['bound']}: "
-                  f"{'holds' if check['holds'] else 'DOES NOT HOLD'}; {what})")
-            failed |= not check["holds"]
-    for key in sorted(set(v) - set(labels)):
-        print(f"  {key:<36} {v[key]:.6g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return 3 if failed else 0
+    ratio = lambda x: f"{x:.3f}"  # noqa: E731
+    labels = {"sweep_overhead_ratio": ("sweep overhead", "bench sweep wall / sum of cells' sampling + metric seconds",
+                                       ratio),
+              "ray_throughput_ratio": ("Ray throughput", f"local executor (one thread) wall / {bench.ray_workers} "
+                                                         f"one-CPU Ray workers' wall", ratio)}
+    return report_checks(result, labels, args.json)
