@@ -50,6 +50,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "dreambooth": "methods.dreambooth:DreamBooth",
     "lora": "methods.lora:LoRA",
     "custom-diffusion": "methods.custom_diffusion:CustomDiffusion",
+    "vera": "methods.vera:VeRA",  # issue 19: the peft family
+    "loha": "methods.lycoris:LoHa",
+    "lokr": "methods.lycoris:LoKr",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",

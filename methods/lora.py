@@ -12,51 +12,37 @@ back for generation with ``load_lora_weights``, one named adapter per subject.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
-import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from bench.claim import Claim, personalize
-from bench.interfaces import DiffusionModel, MethodCard
-from bench.personalization import Subject
+from bench.interfaces import MethodCard
 from bench.validate import check_option
-from methods.dreambooth import IdentifierArgs, check_identifier
-from methods.personalization import PersonalizationMethod
+from methods.peft_adapters import LORA_FILE, TARGET_MODULES, AdapterArgs, DiffusersLoRAFile, PeftAdapterMethod
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+__all__ = ["LORA_FILE", "LoRA", "LoRAArgs", "load"]
 
 
 @dataclass(frozen=True)
-class LoRAArgs(IdentifierArgs):
-    train_steps: int = field(default=400, metadata={"help": "optimizer steps per subject (0: the untuned model)"})
+class LoRAArgs(AdapterArgs):
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of A and B (constant)"})
-    prior_preservation: bool = field(default=False, metadata={"help": "add DreamBooth's class-prior loss"})
     rank: int = field(default=4, metadata={"help": "r, the rank of B A"})
     alpha: float = field(default=4.0, metadata={"help": "lora_alpha (the update is scaled by alpha / r)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_option("rank", self.rank, 1, integer=True)
         check_option("alpha", self.alpha, 0, lo_open=True)
 
 
-def adapter_name(subject: Subject) -> str:
-    return f"subject_{subject.name}"
-
-
-class LoRA(PersonalizationMethod):
+class LoRA(PeftAdapterMethod):
     name = "lora"
     summary = "LoRA (peft) on the UNet's attention projections, DreamBooth data; diffusers' LoRA save/load"
     paper = "Hu et al. 2022, LoRA: Low-Rank Adaptation of Large Language Models"
-    saves = f"<subject>/{LORA_FILE} (diffusers' LoRA format)"
+    adapter_file = DiffusersLoRAFile
+    saves = DiffusersLoRAFile.saves
     card = MethodCard(
         citation="Edward J. Hu, Yelong Shen, Phillip Wallis, Zeyuan Allen-Zhu, Yuanzhi Li, Shean Wang, Lu Wang, "
         "Weizhu Chen. LoRA: Low-Rank Adaptation of Large Language Models. ICLR 2022; arXiv 2106.09685.",
@@ -84,54 +70,9 @@ class LoRA(PersonalizationMethod):
               tolerance="margin", margin=0.9, relative=True),
     )
 
-    def __init__(self, args: Any):
-        super().__init__(args)
-        self.folders: dict[str, Path] = {}
-
-    def phrase(self, subject: Subject) -> str:
-        return f"{self.args.identifier} {subject.class_noun}"
-
-    def setup(self, model: DiffusionModel, subjects: Sequence[Subject]) -> None:
-        check_identifier(model, self.args.identifier)
-
     def config(self):
         return LoraConfig(r=self.args.rank, lora_alpha=self.args.alpha, init_lora_weights="gaussian",
                           target_modules=list(TARGET_MODULES))
-
-    def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
-        name = adapter_name(subject)
-        with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
-            torch.manual_seed(self.args.train_seed)
-            model.unet.add_adapter(self.config(), adapter_name=name)
-        model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
-        model.unet.set_adapter(name)
-        params = [p for n, p in model.unet.named_parameters() if "lora_" in n and f".{name}." in n]
-        for p in params:
-            p.requires_grad_(True)
-        return params
-
-    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
-        name = adapter_name(subject)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict())
-        model.unet.delete_adapters(name)
-        # generation uses the saved file, through diffusers' loader
-        model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
-        model.pipeline.disable_lora()
-        self.folders[subject.name] = folder
-
-    @contextlib.contextmanager
-    def activate(self, model: DiffusionModel, subject: Subject | None):
-        if subject is None:
-            yield
-            return
-        model.pipeline.enable_lora()
-        model.pipeline.set_adapters([adapter_name(subject)])
-        try:
-            yield
-        finally:
-            model.pipeline.disable_lora()
 
 
 def load(pipeline: Any, folder: Path) -> None:

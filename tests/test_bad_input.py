@@ -145,6 +145,10 @@ CASES = [
     ("pnp-feature-injection-above-1", [*T2I, "--method", "pnp", "--feature-injection", "1.5"], 2, "--feature-injection"),
     ("pnp-feature-layer-text", [*T2I, "--method", "pnp", "--feature-layer", "layer4"], 2, "--feature-layer"),
     ("pix2pix-zero-xattn-nan", [*T2I, "--method", "pix2pix-zero", "--xattn-guidance", "nan"], 2, "finite"),
+    ("vera-rank-zero", [*T2I, "--method", "vera", "--rank", "0"], 2, "--rank"),
+    ("vera-d-initial-zero", [*T2I, "--method", "vera", "--d-initial", "0"], 2, "--d-initial"),
+    ("loha-alpha-negative", [*T2I, "--method", "loha", "--alpha=-1"], 2, "--alpha"),
+    ("lokr-decompose-factor-zero", [*T2I, "--method", "lokr", "--decompose-factor", "0"], 2, "--decompose-factor"),
     # restoration (DDNM): a data set without operators, a model it cannot run on, bad options, a metric off its data
     ("ddnm-on-edits", [*RUN, "--method", "ddnm", "--dataset", "embedded-edits"], 2, "no degradation operators"),
     ("ddnm-on-t2i", [*T2I, "--method", "ddnm"], 2, "needs a model of kind pixel-diffusion"),

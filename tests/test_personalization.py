@@ -21,7 +21,8 @@ from bench.spec import RunSpec
 from tests.tiny_t2i import save_tiny_t2i
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dreambench" / "dataset"
-METHOD_NAMES = ("textual-inversion", "dreambooth", "lora", "custom-diffusion")
+METHOD_NAMES = ("textual-inversion", "dreambooth", "lora", "custom-diffusion", "vera", "loha", "lokr")
+PEFT_NAMES = ("lora", "vera", "loha", "lokr")
 
 
 def method(name: str, **args):
@@ -156,9 +157,10 @@ def expected_params(name: str, model) -> int:
     if name == "custom-diffusion":
         cross = [m for m in attention if m.is_cross_attention]
         return sum(m.to_k.weight.numel() + m.to_v.weight.numel() for m in cross) + model.text_encoder.config.hidden_size
-    r = 4
+    from tests.test_peft_adapters import adapter_params
+
     layers = [lin for m in attention for lin in (m.to_q, m.to_k, m.to_v, m.to_out[0])]
-    return sum(r * (lin.in_features + lin.out_features) for lin in layers)
+    return adapter_params(name, [(lin.in_features, lin.out_features) for lin in layers])
 
 
 def file_digests(folder: Path) -> dict[str, str]:
@@ -188,7 +190,7 @@ def test_adapter_trains_saves_reloads_and_restores(name, tiny_dir, tmp_path):
 
     spec = RunSpec(method=name, dataset="embedded-concepts", steps=4, num_samples=4)
     args = {"train_steps": 3, "drift_samples": 0, "learning_rate": 1e-2}
-    if name in ("dreambooth", "lora", "custom-diffusion"):
+    if name in ("dreambooth", "custom-diffusion") + PEFT_NAMES:
         args.update(prior_preservation=True, num_class_images=4)
     model = tiny(tiny_dir)
     m = method(name, **args)
