@@ -20,21 +20,16 @@ from peft import LoraConfig
 
 from bench.claim import Claim, personalize
 from bench.interfaces import MethodCard
-from bench.validate import check_option
-from methods.peft_adapters import LORA_FILE, TARGET_MODULES, AdapterArgs, DiffusersLoRAFile, PeftAdapterMethod
+from methods.peft_adapters import LORA_FILE, TARGET_MODULES, DiffusersLoRAFile, PeftAdapterMethod, ScaledAdapterArgs
 
 __all__ = ["LORA_FILE", "LoRA", "LoRAArgs", "load"]
 
 
 @dataclass(frozen=True)
-class LoRAArgs(AdapterArgs):
+class LoRAArgs(ScaledAdapterArgs):
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate of A and B (constant)"})
     rank: int = field(default=4, metadata={"help": "r, the rank of B A"})
     alpha: float = field(default=4.0, metadata={"help": "lora_alpha (the update is scaled by alpha / r)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_option("alpha", self.alpha, 0, lo_open=True)
 
 
 class LoRA(PeftAdapterMethod):

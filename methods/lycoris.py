@@ -26,7 +26,7 @@ from peft import LoHaConfig, LoKrConfig
 from bench.claim import Claim, personalize
 from bench.interfaces import MethodCard
 from bench.validate import check_bool, check_option
-from methods.peft_adapters import TARGET_MODULES, AdapterArgs, PeftAdapterMethod, load_peft_adapter
+from methods.peft_adapters import TARGET_MODULES, PeftAdapterMethod, ScaledAdapterArgs, load_peft_adapter
 from methods.vera import FIDELITY_MARGIN
 
 load = load_peft_adapter  # methods.<adapter>.load(pipeline, folder): every personalization module has one
@@ -61,13 +61,9 @@ def lycoris_claims(method: str, label: str, arm, fidelity_reference: str, parame
 
 
 @dataclass(frozen=True)
-class LoHaArgs(AdapterArgs):
+class LoHaArgs(ScaledAdapterArgs):
     rank: int = field(default=2, metadata={"help": "r, the rank of each of the two products (dW's rank <= r^2)"})
     alpha: float = field(default=2.0, metadata={"help": "alpha (the update is scaled by alpha / r)"})
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_option("alpha", self.alpha, 0, lo_open=True)
 
 
 class LoHa(PeftAdapterMethod):
@@ -102,7 +98,7 @@ class LoHa(PeftAdapterMethod):
 
 
 @dataclass(frozen=True)
-class LoKrArgs(AdapterArgs):
+class LoKrArgs(ScaledAdapterArgs):
     rank: int = field(default=8, metadata={"help": "r, the rank of W2 = B A (W2 is full when r >= half its larger "
                                                    "side)"})
     alpha: float = field(default=8.0, metadata={"help": "alpha (the update is scaled by alpha / r)"})
@@ -112,7 +108,6 @@ class LoKrArgs(AdapterArgs):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_option("alpha", self.alpha, 0, lo_open=True)
         if self.decompose_factor != -1:
             check_option("decompose_factor", self.decompose_factor, 1, integer=True)
         check_bool("decompose_both", self.decompose_both)

@@ -59,6 +59,17 @@ class AdapterArgs(IdentifierArgs):
         check_option("rank", self.rank, 1, integer=True)
 
 
+@dataclass(frozen=True)
+class ScaledAdapterArgs(AdapterArgs):
+    """Adapters whose update is scaled by alpha / r (LoRA, LoHa, LoKr; VeRA's vectors carry their own scale)."""
+
+    alpha: float = field(default=4.0, metadata={"help": "alpha (the update is scaled by alpha / r)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_option("alpha", self.alpha, 0, lo_open=True)
+
+
 def adapter_name(subject: Subject) -> str:
     return f"subject_{subject.name}"
 
