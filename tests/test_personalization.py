@@ -364,7 +364,7 @@ def suite(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3000)  # the first test also runs the suite (7 trainings: about 12 minutes on 2 busy cores)
+@pytest.mark.timeout(3000)  # the first test also runs the suite (10 trainings; the first 7 took about 12 minutes on 2 busy cores)
 @pytest.mark.parametrize("cell", ["textual-inversion-25steps", "dreambooth-25steps", "lora-25steps",
                                   "custom-diffusion-25steps", "custom-diffusion-merged"])
 def test_each_method_learns_its_concept(suite, cell):
