@@ -56,13 +56,14 @@ ADAPTER = "alignment"
 ALIGNMENT_METRICS = ("feedback-reward",)
 
 
-def heldout(method: str, quick_options: dict[str, Any] | None = None, **options: Any) -> Arm:
+def heldout(method: str, quick_options: dict[str, Any] | None = None, metrics: tuple[str, ...] = ALIGNMENT_METRICS,
+            **options: Any) -> Arm:
     """An arm on the feedback world's held-out prompts (shapes32-heldout): CFG 7.5, DDIM 20 steps, 500 samples, three
-    training seeds (the run seed seeds the training too); --quick: 64 samples, 10 steps, one seed, the
-    ``quick_options`` (a smaller training budget)."""
+    training seeds (the run seed seeds the training too); --quick: 64 samples (128 with FID, which needs twice the
+    features' 64 dimensions), 10 steps, one seed, the ``quick_options`` (a smaller training budget)."""
     return Arm(method, 20, dict(options), model="embedded-t2i", dataset="shapes32-heldout", num_samples=500,
-               seeds=(0, 1, 2), quick_num_samples=64, quick_seeds=(0,), quick_steps=10, metrics=ALIGNMENT_METRICS,
-               quick_options=dict(quick_options or {}))
+               seeds=(0, 1, 2), quick_num_samples=128 if "fid" in metrics else 64, quick_seeds=(0,), quick_steps=10,
+               metrics=tuple(metrics), quick_options=dict(quick_options or {}))
 
 
 BASE = ("base model", heldout("cfg", guidance=7.5))  # the untuned model, sampled as the adapters sample

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 
 from bench.alignment import ddim_scheduler, ddim_step_gaussian, guided_eps, policy_kl
-from bench.claim import Claim
+from bench.claim import Arm, Claim
 from bench.interfaces import MethodCard
 from methods.alignment import _check, heldout
 from methods.policy_gradient import PolicyGradientArgs, PolicyGradientMethod, Rollout
@@ -63,6 +63,11 @@ from methods.reward_weighted import QUICK as RW_QUICK
 
 BASELINES = ("value", "none")
 QUICK = {"train_steps": 8}  # --quick: 4 epochs of 64 trajectories, 2 updates each
+METRICS = ("feedback-reward", "fid")  # every DPOK arm measures both, so that its claims share the runs
+
+
+def arm(method: str, quick: dict, **options) -> Arm:
+    return heldout(method, quick, METRICS, **options)
 
 
 @dataclass(frozen=True)
@@ -145,19 +150,19 @@ class DPOK(PolicyGradientMethod):
         Claim("reward-above-reward-weighted", "online RL fine-tuning reaches a higher reward than supervised "
               "reward-weighted fine-tuning at the same number of reward queries", "Fan et al. 2023, Sec. 5.2 and "
               "Figure 3 (ImageReward of RL against SFT; verify)", "reward",
-              (("dpok", heldout("dpok", QUICK)), ("reward-weighted", heldout("reward-weighted", RW_QUICK))), "greater",
+              (("dpok", arm("dpok", QUICK)), ("reward-weighted", arm("reward-weighted", RW_QUICK))), "greater",
               note="both spend 2,048 reward queries at full size (DPOK: 32 epochs x 64 trajectories; reward-weighted "
               "scores its 512 x 4 feedback images once; train_reward_queries); --quick: DPOK 8 updates (256 "
               "queries) against reward-weighted's quick budget, not equal"),
         Claim("fid-not-worse-than-reward-weighted", "RL fine-tuning keeps image quality at least as well as "
               "supervised fine-tuning", "Fan et al. 2023, Sec. 5.2 (RL keeps image quality better than SFT; verify)",
-              "fid", (("dpok", heldout("dpok", QUICK)), ("reward-weighted", heldout("reward-weighted", RW_QUICK))),
+              "fid", (("dpok", arm("dpok", QUICK)), ("reward-weighted", arm("reward-weighted", RW_QUICK))),
               "at-most", margin=0.1, relative=True,
               note="margin a priori: 10% of reward-weighted's FID against shapes32"),
         Claim("kl-limits-drift", "the KL regularizer keeps the fine-tuned model's policy closer to the pre-trained "
               "one than the same training without it", "Fan et al. 2023, Sec. 5.3 (KL regularization limits the "
               "drift from the pre-trained model; verify)", "train_kl_last",
-              (("dpok", heldout("dpok", QUICK)), ("dpok, no KL", heldout("dpok", QUICK, kl_weight=0.0))), "less",
+              (("dpok", arm("dpok", QUICK)), ("dpok, no KL", arm("dpok", QUICK, kl_weight=0.0))), "less",
               note="the closed-form KL bound summed over the steps of the trajectories of the last epoch's updates, "
               "measured the same way with --kl-weight 0"),
     )

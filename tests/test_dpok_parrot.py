@@ -10,35 +10,12 @@ import torch
 
 from bench.errors import BenchError
 from bench.spec import RunSpec
-from tests.tiny_t2i import save_tiny_t2i
+from tests.test_alignment import method, tiny_dir, tiny_model  # noqa: F401 (tiny_dir: the module's tiny model)
+from tests.test_alignment import weights_digest as digest
 
 ROLLOUT = dict(train_batch_size=2, prompts_per_epoch=2, images_per_prompt=2, sample_steps=2, inner_epochs=1)
 DPOK_TINY = dict(reward="clip:shapes-clip", train_steps=3, updates_per_epoch=2, buffer_size=8, value_batch_size=8,
                  **ROLLOUT)
-
-
-def method(name, **args):
-    from bench.catalog import METHODS
-
-    cls = METHODS.get(name)
-    return cls(cls.parse_args(args))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i-dpok"))
-
-
-def tiny_model(tiny_dir):
-    from bench.models import load_model
-
-    return load_model(str(tiny_dir))
-
-
-def digest(unet) -> str:
-    from methods.personalization import state_digest
-
-    return state_digest(dict(unet.state_dict()))
 
 
 # -- the pieces ----------------------------------------------------------------------------------------------------------
