@@ -5,14 +5,19 @@
   from the simulated human's binary labels); ``clip:<backbone>`` is a CLIP score through
   clip-anytorch (``clip:ViT-B/32`` for real models, once its weights are in ``~/.cache/clip``;
   ``clip:shapes-clip`` is the embedded evaluation CLIP, so a run that trains on it is graded by
-  its own judge on the CLIP-score column).
+  its own judge on the CLIP-score column); ``human`` is the simulated human (the pixel judge: the
+  fraction of count, colors and background it finds right) and ``features`` the feature network's
+  probability that count, colors and background are what the prompt asks (both read the target
+  from the prompt, ``bench.embedded.feedback.parse_prompt``). The four are Parrot's reward set.
 - ``FeedbackSet``: the committed "human-labeled" data of the embedded world (the base model's latents,
   prompts, labels), loaded with its digest for the protocol.
 - ``HeldoutPrompts`` (data set ``shapes32-heldout``): the held-out user prompts, with the shapes32
   reference images for FID/KID.
 - ``sample_with_logprob``: CFG sampling with diffusers' ``DDIMScheduler``, keeping the trajectory
   and the Gaussian log-density of every step for eta > 0 (DDPO's ``ddim_step_with_logprob``, built
-  on the scheduler's own ``step`` with zero variance noise for the mean).
+  on the scheduler's own ``step`` with zero variance noise for the mean); ``policy_kl``: the closed-form
+  KL between two such Gaussian steps of equal variance (DPOK's regularizer).
+- ``non_dominated``: the batch's Pareto-optimal points over several rewards (Parrot's selection).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from safetensors.torch import load_file
 from bench import sampling
 from bench.clip import SCALE, clip_scores, load_clip, preflight, weights_digest
 from bench.datasets import Shapes32
-from bench.embedded.feedback import (FEEDBACK_FILE, FEEDBACK_META, HELDOUT_MODULUS, HELDOUT_PROMPT_SEED, REWARD_CONFIG,
-                                     REWARD_FILE, judge, load_reward_net, prompts, word_ids)
+from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
+from bench.embedded.feature_net import to_input
+from bench.embedded.feedback import (FEEDBACK_FILE, FEEDBACK_META, HELDOUT_MODULUS, HELDOUT_PROMPT_SEED, JUDGED,
+                                     REWARD_CONFIG, REWARD_FILE, judge, load_reward_net, parse_prompt, prompts,
+                                     word_ids)
 from bench.embedded.shapes import ALL_COLORS, BACKGROUNDS
 from bench.errors import BenchError
 from bench.files import file_digest
@@ -40,7 +48,9 @@ from bench.interfaces import Prompt
 from bench.models import EMBEDDED_WEIGHTS
 from bench.sampling import guide
 
-REWARD_CHOICES = "feedback (the embedded learned reward model) or clip:<backbone> (e.g. clip:ViT-B/32, clip:shapes-clip)"
+REWARD_CHOICES = ("feedback (the embedded learned reward model), human (the simulated human), features (the feature "
+                  "network) or clip:<backbone> (e.g. clip:ViT-B/32, clip:shapes-clip)")
+EMBEDDED_REWARDS = ("feedback", "human", "features")  # judges of the embedded world's 32x32 shapes and its prompts
 
 
 def feedback_folder() -> Path:
@@ -104,17 +114,79 @@ class ClipReward(Reward):
         return clip_scores(model, preprocess, images_uint8.cpu(), list(prompts), device) / SCALE
 
 
+def _targets(prompts: Sequence[str]) -> list[dict[str, Any]]:
+    try:
+        return [parse_prompt(p) for p in prompts]
+    except ValueError as exc:
+        raise BenchError(f"{exc}: the human and features rewards judge the feedback world's prompts") from None
+
+
+def _check_32(name: str, images_uint8: torch.Tensor) -> None:
+    if images_uint8.shape[-2:] != (32, 32):
+        raise BenchError(f"the {name} reward scores the embedded world's 32x32 images, not {tuple(images_uint8.shape[-2:])}")
+
+
+class HumanReward(Reward):
+    """The simulated human (``bench.embedded.feedback.judge``): the fraction of the judged attributes (count, colors left
+    to right, background) it finds right, in {0, 1/3, 2/3, 1}; 1 is its approval."""
+
+    name = "human"
+
+    def identity(self) -> dict[str, Any]:
+        return {"reward": self.name, "kind": "the simulated human's judged attributes right (pixels, no network)",
+                "judged": list(JUDGED), "range": "[0, 1]"}
+
+    def __call__(self, images_uint8, prompts):
+        _check_32(self.name, images_uint8)
+        verdict = judge(images_uint8.permute(0, 2, 3, 1).cpu().numpy(), _targets(prompts))
+        return torch.from_numpy(np.mean([verdict[k] for k in JUDGED], axis=0)).float()
+
+
+class FeatureReward(Reward):
+    """The feature network (shapes-cnn32, the evaluation's attribute heads): the product of its probabilities of the
+    prompt's count, colors (left to right) and background, in [0, 1]."""
+
+    name = "features"
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder) if folder else WEIGHTS_DIR32
+        self.net = load_network(self.folder)
+
+    def identity(self) -> dict[str, Any]:
+        return {"reward": self.name, "kind": "shapes-cnn32 P(count, colors, background as prompted)", "range": "[0, 1]",
+                "digest": file_digest([self.folder / "model.safetensors", self.folder / "config.json"])}
+
+    @torch.no_grad()
+    def __call__(self, images_uint8, prompts):
+        _check_32(self.name, images_uint8)
+        targets = _targets(prompts)
+        logits = self.net(to_input(images_uint8.cpu()))
+        p = {k: torch.softmax(v, 1) for k, v in logits.items()}
+        colors, backgrounds = list(ALL_COLORS), list(BACKGROUNDS)
+        out = torch.empty(len(targets))
+        for i, t in enumerate(targets):
+            objects = t["objects"]
+            second = colors.index(objects[1]["color"]) if len(objects) > 1 else len(colors)  # "none" slot
+            out[i] = (p["count"][i, len(objects) - 1] * p["background"][i, backgrounds.index(t["background"])]
+                      * p["color"][i, colors.index(objects[0]["color"])] * p["color2"][i, second])
+        return out
+
+
 def load_reward(spec: str) -> Reward:
     if spec == "feedback":
         return FeedbackReward()
+    if spec == "human":
+        return HumanReward()
+    if spec == "features":
+        return FeatureReward()
     if spec.startswith("clip:") and len(spec) > 5:
         return ClipReward(spec[5:])
     raise BenchError(f"unknown reward {spec!r}: use {REWARD_CHOICES}")
 
 
-def check_reward_name(spec: str) -> None:
-    if spec != "feedback" and not (spec.startswith("clip:") and len(spec) > 5):
-        raise ValueError(f"--reward must be {REWARD_CHOICES}, got {spec!r}")
+def check_reward_name(spec: str, option: str = "--reward") -> None:
+    if spec not in EMBEDDED_REWARDS and not (spec.startswith("clip:") and len(spec) > 5):
+        raise ValueError(f"{option} must be {REWARD_CHOICES}, got {spec!r}")
 
 
 # -- the committed feedback data -------------------------------------------------------------------------------------------
@@ -189,21 +261,40 @@ class HeldoutPrompts(Shapes32):
 
 
 # -- sampling with log-probabilities (DDPO) ----------------------------------------------------------------------------------
+def ddim_step_gaussian(scheduler, eps: torch.Tensor, t, x: torch.Tensor, eta: float) -> tuple[torch.Tensor, float]:
+    """The Gaussian policy of one stochastic DDIM step (Song et al. eq. 12): its mean (``scheduler.step`` with zero
+    variance noise) and its standard deviation sigma_t = eta sqrt(variance)."""
+    mean = scheduler.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    std = eta * float(scheduler._get_variance(t, prev_t)) ** 0.5
+    if std <= 0:
+        raise ValueError("log-probabilities need eta > 0 (a stochastic DDIM step)")
+    return mean, std
+
+
+def policy_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: float) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(reference_mean, std^2 I)) = ||mean - reference_mean||^2 / (2 std^2), per sample and
+    averaged over dimensions as the log-densities are (DPOK, Fan et al. 2023, Sec. 4.2: the per-step term of its
+    upper bound on the KL between the fine-tuned and the pre-trained model)."""
+    return ((mean - reference_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
+
+
 def ddim_step_with_logprob(scheduler, eps: torch.Tensor, t, x: torch.Tensor, eta: float,
                            prev: torch.Tensor | None = None, noise: torch.Tensor | None = None):
     """One DDIM step (Song et al. eq. 12) by ``scheduler.step``, and log N(prev; mean, std^2) averaged over dimensions.
 
     ``prev`` given: its log-density under this step (DDPO's recomputation); else ``prev = mean + std * noise``.
     """
-    mean = scheduler.step(eps, t, x, eta=eta, variance_noise=torch.zeros_like(x)).prev_sample
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    std = eta * float(scheduler._get_variance(t, prev_t)) ** 0.5
-    if std <= 0:
-        raise ValueError("log-probabilities need eta > 0 (a stochastic DDIM step)")
+    mean, std = ddim_step_gaussian(scheduler, eps, t, x, eta)
     if prev is None:
         prev = mean + std * noise
-    log_prob = -((prev.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return prev, log_prob.mean(dim=tuple(range(1, x.ndim)))
+    return prev, gaussian_log_prob(prev, mean, std)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.Tensor:
+    """log N(x; mean, std^2 I) per sample, averaged over dimensions (ddpo-pytorch's convention)."""
+    log_prob = -((x.detach() - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_prob.mean(dim=tuple(range(1, x.ndim)))
 
 
 def guided_eps(unet, x: torch.Tensor, t, context: torch.Tensor, guidance: float) -> torch.Tensor:
@@ -276,3 +367,13 @@ def feedback_hits(predicted: dict[str, np.ndarray], targets: Sequence[Any]) -> n
 def approval(images_uint8: torch.Tensor, targets: Sequence[Any]) -> np.ndarray:
     """The simulated human's labels of uint8 [N, 3, H, W] images against their prompts' targets."""
     return judge(images_uint8.permute(0, 2, 3, 1).numpy(), targets)["label"]
+
+
+def non_dominated(scores: torch.Tensor) -> torch.Tensor:
+    """Parrot's batch-wise Pareto-optimal selection: for scores [N, K] (K rewards, higher is better), True where no
+    other point is at least as good on every reward and better on one. Equal points do not dominate each other (all
+    are kept); with K = 1 the maximum (and its ties) is kept."""
+    s = scores.double()
+    at_least = (s[:, None, :] >= s[None, :, :]).all(-1)  # [j, i]: j >= i everywhere
+    better = (s[:, None, :] > s[None, :, :]).any(-1)
+    return ~(at_least & better).any(0)

@@ -57,6 +57,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",
     "diffusion-dpo": "methods.diffusion_dpo:DiffusionDPO",
+    "dpok": "methods.dpok:DPOK",
+    "parrot": "methods.parrot:Parrot",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={

@@ -38,6 +38,7 @@ from bench.spec import FIELD_NAMES, RunSpec, canonical_json, stable_hash
 # (issue 9); clip_i, clip_t, dino / subject_sim_shapes_cnn32, prior_drift, train_*: the personalization table (issue 8)
 SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "clip_i", "clip_t", "dino", "subject_sim_shapes_cnn32",
                    "attr_acc_all", "feedback_accuracy", "reward", "human_approval", "prior_drift", "train_steps",
+                   "train_reward_queries",
                    "train_params", "train_saved_bytes", "train_seconds", "train_peak_memory_bytes",
                    "latency_per_image_ms", "nfe")
 

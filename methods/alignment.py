@@ -37,8 +37,8 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from bench.alignment import (FeedbackSet, Reward, approval, check_reward_name, feedback_folder, load_feedback,
-                             load_reward, sample_with_logprob)
+from bench.alignment import (EMBEDDED_REWARDS, FeedbackSet, Reward, approval, check_reward_name, feedback_folder,
+                             load_feedback, load_reward, sample_with_logprob)
 from bench.claim import Arm
 from bench.denoiser import sample_seed
 from bench.embedded.feedback import FEEDBACK_IMAGE_SEED, decode, prompts
@@ -56,13 +56,14 @@ ADAPTER = "alignment"
 ALIGNMENT_METRICS = ("feedback-reward",)
 
 
-def heldout(method: str, quick_options: dict[str, Any] | None = None, **options: Any) -> Arm:
+def heldout(method: str, quick_options: dict[str, Any] | None = None, metrics: tuple[str, ...] = ALIGNMENT_METRICS,
+            **options: Any) -> Arm:
     """An arm on the feedback world's held-out prompts (shapes32-heldout): CFG 7.5, DDIM 20 steps, 500 samples, three
-    training seeds (the run seed seeds the training too); --quick: 64 samples, 10 steps, one seed, the
-    ``quick_options`` (a smaller training budget)."""
+    training seeds (the run seed seeds the training too); --quick: 64 samples (128 with FID, which needs twice the
+    features' 64 dimensions), 10 steps, one seed, the ``quick_options`` (a smaller training budget)."""
     return Arm(method, 20, dict(options), model="embedded-t2i", dataset="shapes32-heldout", num_samples=500,
-               seeds=(0, 1, 2), quick_num_samples=64, quick_seeds=(0,), quick_steps=10, metrics=ALIGNMENT_METRICS,
-               quick_options=dict(quick_options or {}))
+               seeds=(0, 1, 2), quick_num_samples=128 if "fid" in metrics else 64, quick_seeds=(0,), quick_steps=10,
+               metrics=tuple(metrics), quick_options=dict(quick_options or {}))
 
 
 BASE = ("base model", heldout("cfg", guidance=7.5))  # the untuned model, sampled as the adapters sample
@@ -74,7 +75,8 @@ def _check(name: str, value: Any, integer: bool = True, zero: bool = False, uppe
 
 @dataclass(frozen=True)
 class AlignmentArgs(GuidanceArgs):
-    reward: str = field(default="feedback", metadata={"help": "reward: feedback (the embedded reward model) or "
+    reward: str = field(default="feedback", metadata={"help": "reward: feedback (the embedded reward model), human (the "
+                                                              "simulated human), features (the feature network) or "
                                                               "clip:<backbone> (clip:ViT-B/32 for real models)"})
     train_steps: int = field(default=300, metadata={"help": "optimizer steps (0: the untuned model)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
@@ -119,11 +121,16 @@ class AlignmentMethod(LatentTextToImage):
             self._reward = load_reward(self.args.reward)
         return self._reward
 
+    def reward_names(self) -> tuple[str, ...]:
+        """The rewards the method trains on (Parrot: several)."""
+        return (self.args.reward,)
+
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
-        if self.args.reward == "feedback" and not model.embedded:
-            raise BenchError(f"--reward feedback is the embedded world's reward model (32x32 shapes); for {model.name} "
-                             f"use a real reward, e.g. --reward clip:ViT-B/32")
+        for name in self.reward_names():
+            if name in EMBEDDED_REWARDS and not model.embedded:
+                raise BenchError(f"reward {name} is a judge of the embedded world (32x32 shapes); for {model.name} "
+                                 f"use a real reward, e.g. --reward clip:ViT-B/32")
         if self.uses_reward_model or self.args.reward != "feedback":
             self.reward()  # missing weights: one line now, before the run exists
 
@@ -157,6 +164,8 @@ class AlignmentMethod(LatentTextToImage):
             model.unet.train()
             try:
                 steps = self.train(model, params, gen, spec) if self.args.train_steps else 0
+                if not steps:
+                    self.log["summary"] = {"train_reward_queries": 0.0}  # the untuned model asked no reward
             finally:
                 model.unet.eval()
                 for p in params:

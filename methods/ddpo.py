@@ -31,7 +31,8 @@ Gradients are accumulated over every timestep of the trajectory before each step
 ratio, the clipped fraction (|ratio - 1| > clip range) and ddpo-pytorch's approximate KL
 0.5 E[(log p_theta - log p_old)^2] (``train_log.json`` curves; their means are ``train_ratio_mean``,
 ``train_clipped_fraction`` and ``train_approx_kl``). Log-densities are recomputed through diffusers'
-``DDIMScheduler.step`` (``bench.alignment.ddim_step_with_logprob``).
+``DDIMScheduler.step`` (``PolicyGradientMethod.step_policy``; the rollouts and the log-densities are shared with
+DPOK and Parrot: ``methods/policy_gradient.py``).
 
 Where this differs from the paper and ddpo-pytorch: the trajectories use eta 0.5, not 1, because
 10-step DDIM with eta 1 draws poor images on the embedded model; the whole UNet is fine-tuned at
@@ -55,19 +56,18 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from bench.alignment import ddim_scheduler, ddim_step_with_logprob, guided_eps, sample_with_logprob
+from bench.alignment import ddim_scheduler
 from bench.claim import Claim
-from bench.denoiser import sample_seed
-from bench.embedded.feedback import prompts
 from bench.interfaces import MethodCard
-from methods.alignment import BASE, AlignmentArgs, AlignmentMethod, _check, decode_uint8, heldout
+from methods.alignment import BASE, _check, heldout
+from methods.policy_gradient import PolicyGradientArgs, PolicyGradientMethod, Rollout
 
 
 ESTIMATORS = ("is", "sf")
 
 
 @dataclass(frozen=True)
-class DDPOArgs(AlignmentArgs):
+class DDPOArgs(PolicyGradientArgs):
     estimator: str = field(default="is", metadata={"help": "is: DDPO-IS (several clipped importance-sampled updates "
                                                            "per sampled batch); sf: DDPO-SF (one score-function "
                                                            "update per sampled batch)"})
@@ -79,11 +79,6 @@ class DDPOArgs(AlignmentArgs):
     inner_epochs: int = field(default=2, metadata={"help": "passes over each sampled batch (is; sf: 1)"})
     lora_rank: int = field(default=0, metadata={"help": "0: the whole UNet; r > 0: LoRA of rank r (the PyTorch "
                                                         "release's is 4)"})
-    feedback_prompts: int = field(default=512, metadata={"help": "the training prompts the epochs draw from"})
-    prompts_per_epoch: int = field(default=8, metadata={"help": "training prompts sampled per epoch"})
-    images_per_prompt: int = field(default=4, metadata={"help": "trajectories per prompt"})
-    sample_steps: int = field(default=10, metadata={"help": "DDIM steps of the training trajectories"})
-    eta: float = field(default=0.5, metadata={"help": "DDIM eta of the trajectories (> 0: a density per step)"})
     clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range of the importance ratio (is)"})
     adv_clip: float = field(default=5.0, metadata={"help": "advantages clipped to [-adv_clip, adv_clip]"})
     stat_buffer: int = field(default=16, metadata={"help": "per-prompt stat tracker: rewards kept per prompt"})
@@ -94,17 +89,12 @@ class DDPOArgs(AlignmentArgs):
         super().__post_init__()
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"--estimator must be is or sf, got {self.estimator!r}")
-        _check("inner_epochs", self.inner_epochs)
-        _check("prompts_per_epoch", self.prompts_per_epoch)
-        _check("sample_steps", self.sample_steps)
-        _check("eta", self.eta, integer=False, upper=1.0)
-        _check("clip_range", self.clip_range, integer=False)
         _check("adv_clip", self.adv_clip, integer=False)
         _check("stat_buffer", self.stat_buffer)
         _check("stat_min_count", self.stat_min_count)
-        if self.estimator == "is" and (self.prompts_per_epoch * self.images_per_prompt) % self.train_batch_size:
+        if self.estimator == "is" and self.rollout_size % self.train_batch_size:
             raise ValueError(f"--train-batch-size {self.train_batch_size} must divide the epoch's "
-                             f"{self.prompts_per_epoch * self.images_per_prompt} trajectories")
+                             f"{self.rollout_size} trajectories")
 
 
 class PerPromptStatTracker:
@@ -130,7 +120,7 @@ class PerPromptStatTracker:
         return torch.from_numpy(adv).to(rewards.dtype)
 
 
-class DDPO(AlignmentMethod):
+class DDPO(PolicyGradientMethod):
     name = "ddpo"
     summary = ("DDPO-IS: policy gradient over the DDIM(eta>0) trajectory, several clipped importance-sampled updates "
                "per sampled batch, reward at x_0 (--estimator sf: DDPO-SF)")
@@ -167,14 +157,28 @@ class DDPO(AlignmentMethod):
               note="the simulated human (bench/embedded/feedback.py judge) labeled the data the reward was trained on"),
     )
 
+    def reset_advantages(self) -> None:
+        """A fresh training run's advantage state: the per-prompt stat tracker."""
+        self.tracker = PerPromptStatTracker(self.args.stat_buffer, self.args.stat_min_count)
+
+    def advantages(self, ro: Rollout, curves: dict[str, list]) -> torch.Tensor:
+        """The rollout's advantages: its rewards through the per-prompt stat tracker, clipped (curves: reward, approval)."""
+        rewards = self.reward()(ro.images, ro.texts).float()
+        adv = self.tracker.update(ro.texts, rewards).clamp(-self.args.adv_clip, self.args.adv_clip)
+        curves.setdefault("reward", []).append(float(rewards.mean()))
+        curves.setdefault("approval", []).append(self.approval(ro.images, ro.targets))
+        return adv
+
+    def reward_queries(self, images: int) -> int:
+        return images  # one reward per image
+
     def train(self, model, params, gen, spec) -> int:
         args = self.args
-        reward = self.reward()
-        pool = prompts("train", max(args.feedback_prompts, args.prompts_per_epoch), distinct=True)
+        pool = self.prompt_pool()
         scheduler = ddim_scheduler(model, args.sample_steps)
         opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=1e-4)
-        tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
-        n = args.prompts_per_epoch * args.images_per_prompt
+        self.reset_advantages()
+        n = args.rollout_size
         sf = args.estimator == "sf"
         batch = n if sf else args.train_batch_size
         per_epoch = 1 if sf else args.inner_epochs * (n // batch)  # optimizer steps per sampled batch
@@ -183,30 +187,19 @@ class DDPO(AlignmentMethod):
                                    "approx_kl": []}
         steps = 0
         for epoch in range(epochs):
-            chosen = torch.randperm(len(pool), generator=gen)[: args.prompts_per_epoch].tolist()
-            texts = [pool[i][0] for i in chosen for _ in range(args.images_per_prompt)]
-            targets = [pool[i][1] for i in chosen for _ in range(args.images_per_prompt)]
-            seeds = [sample_seed(spec.seed, 10_000_000 + epoch * n + i) for i in range(n)]
-            model.unet.eval()
-            traj = sample_with_logprob(model, texts, seeds, args.sample_steps, args.guidance, args.eta)
-            model.unet.train()
-            images = decode_uint8(model, traj.latents[-1])
-            rewards = reward(images, texts).float()
-            adv = tracker.update(texts, rewards).clamp(-args.adv_clip, args.adv_clip)
-            curves["reward"].append(float(rewards.mean()))
-            curves["approval"].append(self.approval(images, targets))
-            cond, uncond = model.pipeline.encode_prompt(texts, next(model.unet.parameters()).device, 1, True, None)
+            ro = self.rollout(model, pool, epoch, gen, spec)
+            adv = self.advantages(ro, curves)
             for _ in range(1 if sf else args.inner_epochs):
                 order = torch.arange(n) if sf else torch.randperm(n, generator=gen)
                 for k in range(n // batch):
                     if steps == args.train_steps:
                         break
                     mb = order[k * batch : (k + 1) * batch]
-                    self.update(model, scheduler, traj, mb, adv[mb], torch.cat([uncond[mb], cond[mb]])
-                                if args.guidance != 1.0 else cond[mb], params, opt, curves)
+                    self.update(model, scheduler, ro, mb, adv[mb], params, opt, curves)
                     steps += 1
         self.log.update(curves)
         self.log["summary"] = {"train_images_sampled": float(epochs * n),
+                               "train_reward_queries": float(self.reward_queries(epochs * n)),
                                "train_reward_first_epoch": curves["reward"][0],
                                "train_reward_last_epochs": float(np.mean(curves["reward"][-3:])),
                                "train_ratio_mean": float(np.mean(curves["ratio_mean"])),
@@ -214,17 +207,15 @@ class DDPO(AlignmentMethod):
                                "train_approx_kl": float(np.mean(curves["approx_kl"]))}
         return steps
 
-    def update(self, model, scheduler, traj, mb, a, context, params, opt, curves) -> None:
+    def update(self, model, scheduler, ro, mb, a, params, opt, curves) -> None:
         """One optimizer step on trajectories ``mb``, gradients accumulated over every timestep."""
         args = self.args
         opt.zero_grad(set_to_none=True)
         total = ratio_mean = clipped = kl = 0.0
-        steps = len(traj.timesteps)
-        for j, t in enumerate(traj.timesteps):
-            x_t, x_prev = traj.latents[j][mb], traj.latents[j + 1][mb]
-            eps = guided_eps(model.unet, scheduler.scale_model_input(x_t, t), t, context, args.guidance)
-            _, log_prob = ddim_step_with_logprob(scheduler, eps, t, x_t, args.eta, prev=x_prev)
-            old = traj.log_probs[j][mb]
+        steps = len(ro.traj.timesteps)
+        for j in range(steps):
+            log_prob, _, _ = self.step_policy(model.unet, scheduler, ro, mb, j)
+            old = ro.traj.log_probs[j][mb]
             if args.estimator == "sf":  # value exactly 1, gradient grad log p: the score-function estimator
                 ratio = torch.exp(log_prob - log_prob.detach())
                 surrogate = -a * ratio

@@ -144,5 +144,6 @@ class RewardWeighted(AlignmentMethod):
             losses.append(float(loss.detach()))
         self.log["loss"] = losses
         self.log["summary"] = {"train_reward_of_data": float(rewards.mean()),
+                               "train_reward_queries": float(len(rewards)),  # each feedback image scored once
                                "train_loss_last_50": float(np.mean(losses[-50:]))}
         return args.train_steps

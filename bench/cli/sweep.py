@@ -112,7 +112,10 @@ def run(args, dests: dict[str, list[str]]) -> int:
     _, table = write_summary(name, sid, base, cells, rows, out)
     print(table)
     print(f"table: {out / 'table.md'}  plot: {out / 'fid_vs_nfe.png'}")
-    from bench.tradeoff import plot_option_tradeoff, varied_options
+    from bench.tradeoff import plot_option_tradeoff, plot_reward_fronts, varied_options
+
+    if plot_reward_fronts(rows, out / "reward_fronts.png", f"{name}: Pareto fronts over the judges ({datasets})"):
+        print(f"reward fronts: {out / 'reward_fronts.png'}")  # alignment suites: every pair of the world's judges
 
     for option in varied_options(cells):  # e.g. --guidance 1,2,4,8: the metrics against the guidance scale
         if plot_option_tradeoff(rows, option, out / f"tradeoff_{option}.png",

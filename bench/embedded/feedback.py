@@ -119,6 +119,23 @@ def prompt_text(target: Mapping[str, Any]) -> str:
     return " and ".join(f"a {o['color']} {o['shape']}" for o in target["objects"]) + f" on a {target['background']} background"
 
 
+def parse_prompt(text: str) -> dict[str, Any]:
+    """The target of a user prompt (``prompt_text``'s inverse): what the judges check an image against.
+
+    A prompt that is not in the world's template raises ``ValueError``.
+    """
+    objects_part, sep, rest = text.partition(" on a ")
+    background = rest[: -len(" background")] if rest.endswith(" background") else None
+    objects = []
+    for phrase in objects_part.split(" and ") if sep else ():
+        words = phrase.split()
+        if len(words) == 3 and words[0] == "a" and words[1] in ALL_COLORS and words[2] in ALL_SHAPES:
+            objects.append({"shape": words[2], "color": words[1]})
+    if background not in BACKGROUNDS or not objects or len(objects) != len(objects_part.split(" and ")):
+        raise ValueError(f"not a prompt of the feedback world: {text!r}")
+    return {"background": background, "count": len(objects), "objects": objects}
+
+
 # -- the simulated human -----------------------------------------------------------------------------------------------
 def read_scene(image: np.ndarray) -> tuple[str, list[str]]:
     """(background, object colors left to right) of one uint8 [H, W, 3] image, from its pixels."""
