@@ -50,6 +50,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "dreambooth": "methods.dreambooth:DreamBooth",
     "lora": "methods.lora:LoRA",
     "custom-diffusion": "methods.custom_diffusion:CustomDiffusion",
+    # -- personalization without test-time fine-tuning (issue 19): encoders trained once
+    "instantbooth": "methods.instantbooth:InstantBoothMethod",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",
