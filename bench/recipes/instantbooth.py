@@ -46,7 +46,7 @@ MAX_REFERENCES = 5  # embedded-concepts' images per subject
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 32
     lr: float = 1e-3
     images_per_subject: int = 64
