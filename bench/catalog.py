@@ -53,6 +53,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "vera": "methods.vera:VeRA",  # issue 19: the peft family
     "loha": "methods.lycoris:LoHa",
     "lokr": "methods.lycoris:LoKr",
+    # -- personalization without test-time fine-tuning (issue 19): encoders trained once
+    "instantbooth": "methods.instantbooth:InstantBoothMethod",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",
