@@ -50,6 +50,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "dreambooth": "methods.dreambooth:DreamBooth",
     "lora": "methods.lora:LoRA",
     "custom-diffusion": "methods.custom_diffusion:CustomDiffusion",
+    "hyperdreambooth": "methods.hyperdreambooth:HyperDreamBooth",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",

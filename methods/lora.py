@@ -110,11 +110,17 @@ class LoRA(PersonalizationMethod):
             p.requires_grad_(True)
         return params
 
-    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
+    def lora_state(self, model: DiffusionModel, subject: Subject) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What ``finish`` saves: the subject's trained adapter in diffusers' LoRA format and its LoraConfig (dict)."""
         name = adapter_name(subject)
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
+        return state, model.unet.peft_config[name].to_dict()
+
+    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
+        name = adapter_name(subject)
+        state, metadata = self.lora_state(model, subject)
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict())
+                                                  unet_lora_adapter_metadata=metadata)
         model.unet.delete_adapters(name)
         # generation uses the saved file, through diffusers' loader
         model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)

@@ -19,6 +19,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "noisy-classifier": ("bench.embedded.noisy_classifier", "Recipe", "noisy-classifier"),
     # -- alignment (issue 9): the base model's images, the simulated human's labels, the reward model --
     "feedback": ("bench.recipes.feedback", "Recipe", "feedback"),
+    # -- personalization (issue 19): HyperDreamBooth's pre-optimized LiDB weights and its HyperNetwork --
+    "hyperdreambooth": ("bench.recipes.hyperdreambooth", "Recipe", "hyperdreambooth"),
 }
 
 
