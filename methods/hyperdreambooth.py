@@ -132,6 +132,9 @@ class HyperDreamBooth(LoRA):
             if self.args.reference_image >= len(s.images):
                 raise BenchError(f"--reference-image {self.args.reference_image}: subject {s.name} has "
                                  f"{len(s.images)} images (0 to {len(s.images) - 1})")
+            if tuple(s.images.shape[1:3]) != (32, 32):
+                raise BenchError(f"the embedded hypernetwork reads 32x32 images; subject {s.name} of {reference.name} "
+                                 f"is {s.images.shape[2]}x{s.images.shape[1]}")
 
     def protocol(self, model: DiffusionModel) -> dict[str, Any]:
         return {**super().protocol(model), "hypernetwork": {"digest": self.hyper().digest,
@@ -146,9 +149,6 @@ class HyperDreamBooth(LoRA):
     def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
         hyper = self.hyper()
         image = subject.images_tensor()[self.args.reference_image : self.args.reference_image + 1]
-        if tuple(image.shape[-2:]) != (32, 32):
-            raise BenchError(f"the embedded hypernetwork reads 32x32 images; subject {subject.name} is "
-                             f"{image.shape[-1]}x{image.shape[-2]}")
         factors = hyper.basis.lora_factors(hyper.predict(image)[0])
         self.predicted[subject.name] = factors
         with torch.no_grad():  # W0 + B_h A_h: the relaxed LoRA trains on top of the prediction
