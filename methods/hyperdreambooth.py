@@ -73,7 +73,8 @@ class HyperDreamBooth(LoRA):
         "fit 64-96 wide layers); the encoder is the frozen trunk of the shapes-cnn32 feature network (the paper's "
         "ViT-H); a 2-layer decoder of width 64 applied for 4 iterations; 54 rendered training subjects (seen shapes x "
         "seen colors x seen class nouns; the held-out diamond and orange never seen); the fine-tune's learning rate "
-        "5e-3 and relaxed rank 4 are this project's (the paper's: verify). Recipe: bench embedded train hyperdreambooth.",
+        "5e-3 and relaxed rank 4 are this project's (the paper's: verify). Recipe: bench embedded train "
+        "hyperdreambooth.",
         reference="Faces, SD 1.5 (verify): personalization in about 20 s, 25x faster than DreamBooth and 125x faster "
         "than Textual Inversion, from one image, at DreamBooth's quality (Table 1: face recognition, DINO, CLIP-I, "
         "CLIP-T); LiDB: 30K trainable variables, 120 KB, 10,000x smaller than a DreamBooth model; the HyperNetwork "
@@ -95,8 +96,8 @@ class HyperDreamBooth(LoRA):
               "abstract (verify): personalization in about 20 s, 25x faster than DreamBooth", "train_seconds",
               (("hyperdreambooth", personalize("hyperdreambooth", quick_options={"train_steps": 4})),
                ("lora", personalize("lora"))), "less", tolerance="margin", margin=0.8, relative=True),
-        Claim("hypernetwork-alone-learns", "the HyperNetwork's prediction alone (no fine-tuning) moves the model towards "
-              "the subject: CLIP-I above the untuned model's", "Fig. 7 (verify): the HyperNetwork's prediction "
+        Claim("hypernetwork-alone-learns", "the HyperNetwork's prediction alone (no fine-tuning) moves the model "
+              "towards the subject: CLIP-I above the untuned model's", "Fig. 7 (verify): the HyperNetwork's prediction "
               "resembles the subject before fast fine-tuning", "clip_i",
               (("prediction only", personalize("hyperdreambooth", train_steps=0)),
                ("untuned", personalize("textual-inversion", train_steps=0))), "greater", tolerance="margin",
@@ -140,7 +141,7 @@ class HyperDreamBooth(LoRA):
         return {**super().protocol(model), "hypernetwork": {"digest": self.hyper().digest,
                                                              "recipe": "bench embedded train hyperdreambooth"}}
 
-    # -- one image, the prediction, the relaxed LoRA ---------------------------------------------------------------------
+    # -- one image, the prediction, the relaxed LoRA -------------------------------------------------------------------
     def training_data(self, model, reference, subject: Subject, spec):
         i = self.args.reference_image
         one = dataclasses.replace(subject, images=subject.images[i : i + 1], captions=subject.captions[i : i + 1])
@@ -180,6 +181,7 @@ class HyperDreamBooth(LoRA):
         except (OSError, ValueError, KeyError):
             return {}
         lidb = self.hyper().basis
-        return {"pretrain_seconds": float(budget["pretrain_seconds"]), "pretrain_steps": float(budget["pretrain_steps"]),
+        return {"pretrain_seconds": float(budget["pretrain_seconds"]),
+                "pretrain_steps": float(budget["pretrain_steps"]),
                 "pretrain_peak_memory_bytes": float(budget["peak_memory_bytes"]),
                 "pretrain_lidb_weights": float(len(lidb.layers) * lidb.config.per_layer)}

@@ -57,7 +57,7 @@ def hypernetwork_folder() -> Path:
     return EMBEDDED_WEIGHTS / "hyperdreambooth"
 
 
-# -- LiDB -------------------------------------------------------------------------------------------------------------------
+# -- LiDB --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LiDBConfig:
     rank: int = 1  # r
@@ -169,7 +169,7 @@ def lidb_forward(unet: nn.Module, basis: LiDBBasis, theta: torch.Tensor) -> Iter
             h.remove()
 
 
-# -- the HyperNetwork ---------------------------------------------------------------------------------------------------------
+# -- the HyperNetwork --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HyperConfig:
     width: int = 64  # the decoder's model dimension
@@ -277,7 +277,7 @@ def load_hypernetwork(folder: Path | None = None) -> LoadedHyperNetwork:
     return LoadedHyperNetwork(network.eval().requires_grad_(False), basis, encoder, meta, digest)
 
 
-# -- the training subjects ------------------------------------------------------------------------------------------------------
+# -- the training subjects ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainingSubject:
     """A subject the HyperNetwork trains on: a large object of a seen shape and color, named by a seen class noun."""

@@ -108,7 +108,7 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
         idx = torch.randint(0, n, (recipe.batch_size,), generator=gen)
         return idx, sample_latents(model, mean[idx], std[idx], gen)
 
-    # -- 2. pre-optimized LiDB weights of every subject --------------------------------------------------------------------
+    # -- 2. pre-optimized LiDB weights of every subject ----------------------------------------------------------------
     pre_losses: list[float] = []
     targets = None
     with BudgetMeter("cpu") as pre_meter:
@@ -125,7 +125,7 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
                 pre_losses.append(float(loss.detach()))
             targets = theta.detach()
 
-    # -- 3. the HyperNetwork -------------------------------------------------------------------------------------------------
+    # -- 3. the HyperNetwork -------------------------------------------------------------------------------------------
     config = HyperConfig(recipe.width, recipe.depth, recipe.heads, recipe.iterations)
     net = HyperNetwork(config, len(basis.layers), lidb.per_layer, tokens.shape[1], encoder.channels)
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-2)
