@@ -55,6 +55,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "lokr": "methods.lycoris:LoKr",
     # -- personalization without test-time fine-tuning (issue 19): encoders trained once
     "instantbooth": "methods.instantbooth:InstantBoothMethod",
+    "hyperdreambooth": "methods.hyperdreambooth:HyperDreamBooth",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",

@@ -66,6 +66,8 @@ RUN_OUTPUTS: tuple[Output, ...] = (
     # a method trained once for every subject (InstantBooth's encoders): that one-time budget, beside the per-run one
     Output("pretrain_seconds", "pre-training s (once)", "lower", ".1f", None, None),
     Output("pretrain_*", "pre-training", "none", ".3g", None, None),
+    Output("pretrain_seconds", "one-time pre-training s", "lower", ".1f", None, None),  # HyperDreamBooth's HyperNetwork
+    Output("pretrain_*", "one-time pre-training", "none", ".3g", None, None),
     Output("prior_drift", "prior drift (FID, before vs after)", "lower", ".3f", None, None),
     Output("prior_*", "prior", "none", ".3f", None, None),
 )

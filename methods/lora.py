@@ -69,6 +69,47 @@ class LoRA(PeftAdapterMethod):
         return LoraConfig(r=self.args.rank, lora_alpha=self.args.alpha, init_lora_weights="gaussian",
                           target_modules=list(TARGET_MODULES))
 
+    def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
+        name = adapter_name(subject)
+        with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
+            torch.manual_seed(self.args.train_seed)
+            model.unet.add_adapter(self.config(), adapter_name=name)
+        model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
+        model.unet.set_adapter(name)
+        params = [p for n, p in model.unet.named_parameters() if "lora_" in n and f".{name}." in n]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def lora_state(self, model: DiffusionModel, subject: Subject) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What ``finish`` saves: the subject's trained adapter in diffusers' LoRA format and its LoraConfig (dict)."""
+        name = adapter_name(subject)
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
+        return state, model.unet.peft_config[name].to_dict()
+
+    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
+        name = adapter_name(subject)
+        state, metadata = self.lora_state(model, subject)
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
+                                                  unet_lora_adapter_metadata=metadata)
+        model.unet.delete_adapters(name)
+        # generation uses the saved file, through diffusers' loader
+        model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
+        model.pipeline.disable_lora()
+        self.folders[subject.name] = folder
+
+    @contextlib.contextmanager
+    def activate(self, model: DiffusionModel, subject: Subject | None):
+        if subject is None:
+            yield
+            return
+        model.pipeline.enable_lora()
+        model.pipeline.set_adapters([adapter_name(subject)])
+        try:
+            yield
+        finally:
+            model.pipeline.disable_lora()
+
 
 def load(pipeline: Any, folder: Path) -> None:
     """Load a saved subject (the folder is named after it) into a ``StableDiffusionPipeline`` and activate it."""

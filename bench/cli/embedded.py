@@ -21,6 +21,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "feedback": ("bench.recipes.feedback", "Recipe", "feedback"),
     # -- personalization without test-time fine-tuning (issue 19): InstantBooth's encoders and adapters --
     "instantbooth": ("bench.recipes.instantbooth", "Recipe", "instantbooth"),
+    # -- personalization (issue 19): HyperDreamBooth's pre-optimized LiDB weights and its HyperNetwork --
+    "hyperdreambooth": ("bench.recipes.hyperdreambooth", "Recipe", "hyperdreambooth"),
 }
 
 
