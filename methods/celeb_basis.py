@@ -57,7 +57,7 @@ CLAIM_METRICS = ("clip-i", "dino", "attribute-accuracy", "latency")
 @dataclass(frozen=True)
 class CelebBasisArgs(PersonalizationArgs):
     train_steps: int = field(default=400, metadata={"help": "optimizer steps per subject (0: the class noun)"})
-    learning_rate: float = field(default=5e-2, metadata={"help": "AdamW learning rate of the coefficients or the "
+    learning_rate: float = field(default=0.5, metadata={"help": "AdamW learning rate of the coefficients or the "
                                                                  "MLP (constant)"})
     encoder: str = field(default="none", metadata={"help": "what is trained: none (the coefficients) or mlp (the "
                                                            "paper's MLP from the subject's image feature)"})

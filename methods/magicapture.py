@@ -182,6 +182,11 @@ class MagiCapture(PersonalizationMethod):
         self.tokens: NewTokens | None = None
         self.adapters: list[str] = []
 
+    @staticmethod
+    def planned_train_steps(args: MagiCaptureArgs) -> int:
+        """The optimizer steps prepare() takes (`bench claims --plan`): both phases, once per trained adapter."""
+        return (args.embedding_steps + args.train_steps) * (1 if args.joint else 2)
+
     def phrase(self, subject: Subject) -> str:
         return subject.token
 

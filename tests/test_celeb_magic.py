@@ -217,9 +217,9 @@ def test_magicapture_trains_saves_reloads(joint, tiny_dir, tmp_path):
     fresh = tiny(tiny_dir)
     magicapture.load(fresh.pipeline, tmp_path / "a")
     assert torch.allclose(ours, generate(CFG(CFG.parse_args({})), fresh, list(COMPOSED), [1, 2]), atol=1e-5)
-    # a batch mixing composed and plain prompts: each sample as in its own batch
+    # a batch mixing composed and plain prompts: each sample as in its own batch (up to CPU kernels' batch rounding)
     mixed = generate(m, model, [COMPOSED[0], plain[0]], [1, 5])
-    assert torch.equal(mixed[0], ours[0]) and torch.equal(mixed[1], base[0])
+    assert torch.allclose(mixed[0], ours[0], atol=1e-5) and torch.allclose(mixed[1], base[0], atol=1e-5)
 
 
 # -- bad input: one line, exit 2 ----------------------------------------------------------------------------------------------
