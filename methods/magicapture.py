@@ -53,13 +53,12 @@ from bench.embedded.tokenizer import tokenize
 from bench.errors import BenchError
 from bench.finetune import (Budget, BudgetMeter, diffusion_loss, encode_prompts, sample_latents, saved_bytes,
                             trainable_parameters, training_scheduler)
-from bench.interfaces import Batch, DiffusionModel, MethodCard
+from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject, load_personalization_set
 from bench.validate import check_bool, check_option
 from methods.lora import LORA_FILE, TARGET_MODULES, add_lora, save_lora
 from methods.p2p import controlled_attention
 from methods.personalization import NewTokens, PersonalizationArgs, PersonalizationMethod, TrainingData
-from methods.text_to_image import LatentTextToImage
 from methods.textual_inversion import EMBEDS_FILE
 
 JOINT = "joint"  # the joint adapter's name and folder
@@ -327,27 +326,10 @@ class MagiCapture(PersonalizationMethod):
         finally:
             model.pipeline.disable_lora()
 
-    @torch.no_grad()
-    def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
-        """A prompt may name both concepts (their tokens are in the text encoder); prompts naming none get the
-        untouched model."""
-        if not self.subjects:
-            raise BenchError(f"method {self.name!r} generates after prepare() has trained its concepts")
+    def prompt_subject(self, text: str) -> Subject | None:
+        """A prompt may name both concepts (one model serves both): any prompt naming one gets the trained model."""
         concepts = list(self.subjects.values())
-        named = [i for i, p in enumerate(batch.prompts) if any(s.token in p for s in concepts)]
-        plain = [i for i in range(len(batch.seeds)) if i not in set(named)]
-        out: list[torch.Tensor | None] = [None] * len(batch.seeds)
-        for idx, subject in ((named, concepts[0]), (plain, None)):
-            if not idx:
-                continue
-            with self.activate(model, subject):
-                part = Batch(seeds=tuple(batch.seeds[i] for i in idx), steps=batch.steps,
-                             indices=tuple(batch.indices[i] for i in idx), prompts=tuple(batch.prompts[i] for i in idx))
-                images = LatentTextToImage.generate(self, model, part, denoiser)
-            for j, i in enumerate(idx):
-                out[i] = images[j]
-        return torch.stack(out)  # type: ignore[arg-type]
-
+        return concepts[0] if any(s.token in text for s in concepts) else None
 
 def load(pipeline: Any, workdir: Path) -> None:
     """Load a trained pair (the run's ``method/`` folder) into a ``StableDiffusionPipeline``: every concept's token and

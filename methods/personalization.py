@@ -251,6 +251,10 @@ class PersonalizationMethod(LatentTextToImage):
         return count, losses
 
     # -- sampling -------------------------------------------------------------------------------------------------------------
+    def prompt_subject(self, text: str) -> Subject | None:
+        """The subject whose adapter generates ``text`` (None: the untouched model); one subject per prompt."""
+        return subject_of(text, list(self.subjects.values()))
+
     def _prompt_text(self, text: str, subject: Subject | None) -> str:
         return text if subject is None else text.replace(subject.token, self.phrase(subject))
 
@@ -261,10 +265,9 @@ class PersonalizationMethod(LatentTextToImage):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         if not self.subjects:
             raise BenchError(f"method {self.name!r} generates after prepare() has trained its subjects")
-        subjects = list(self.subjects.values())
         groups: dict[str | None, list[int]] = {}
         for i, text in enumerate(prompts):  # a prompt without a subject gets the untouched model
-            s = subject_of(text, subjects)
+            s = self.prompt_subject(text)
             groups.setdefault(s.name if s else None, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(seeds)
         for name, idx in groups.items():
