@@ -56,6 +56,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     # -- personalization without test-time fine-tuning (issue 19): encoders trained once
     "instantbooth": "methods.instantbooth:InstantBoothMethod",
     "hyperdreambooth": "methods.hyperdreambooth:HyperDreamBooth",
+    "celeb-basis": "methods.celeb_basis:CelebBasis",
+    "magicapture": "methods.magicapture:MagiCapture",
     # -- alignment (issue 9): fine-tuning from feedback in prepare()
     "reward-weighted": "methods.reward_weighted:RewardWeighted",
     "ddpo": "methods.ddpo:DDPO",
@@ -97,6 +99,7 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-recolor16": "bench.attribute_edits:EmbeddedRecolor16",
     "embedded-concepts": "bench.personalization:EmbeddedConcepts",
     "dreambench": "bench.personalization:DreamBench",
+    "embedded-composition": "bench.personalization:EmbeddedComposition",
     "shapes32-heldout": "bench.alignment:HeldoutPrompts",
     "embedded-restoration": "bench.restoration:EmbeddedRestoration",
     "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",

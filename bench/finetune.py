@@ -86,14 +86,22 @@ def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor
 
 
 def diffusion_loss(unet: Any, scheduler: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   generator: torch.Generator, reduction: str = "mean") -> torch.Tensor:
-    """Noise-prediction MSE at uniformly drawn timesteps (Ho et al. 2020, L_simple); noise, then t, from ``generator``."""
+                   generator: torch.Generator, reduction: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise-prediction MSE at uniformly drawn timesteps (Ho et al. 2020, L_simple); noise, then t, from ``generator``.
+
+    ``mask`` (broadcastable to the latents, e.g. [B, 1, h, w] in [0, 1]): the masked reconstruction loss, each
+    sample's squared error averaged over its mask's region only (MagiCapture)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     prediction = unet(noisy, t, encoder_hidden_states=encoder_hidden_states).sample
     target = prediction_target(scheduler, latents, noise, t)
+    if mask is not None:
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        weight = mask.to(error).expand_as(error).flatten(1)
+        per_sample = (weight * error.flatten(1)).sum(1) / weight.sum(1).clamp_min(1e-8)
+        return per_sample if reduction == "none" else per_sample.mean()
     if reduction == "none":
         return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
     return F.mse_loss(prediction.float(), target.float(), reduction=reduction)

@@ -60,6 +60,7 @@ class Subject:
     class_prompts: tuple[str, ...]  # the class without the subject (prior preservation, prior drift)
     prompt_attributes: tuple[Mapping[str, Any] | None, ...] = ()  # ground truth of each prompt (embedded world)
     live: bool = False
+    masks: np.ndarray | None = field(default=None, repr=False)  # float32 [N, H, W]: the subject's coverage, if known
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z0-9_]+", self.name):
@@ -73,6 +74,8 @@ class Subject:
                 raise BenchError(f"subject {self.name}: {text!r} must hold the subject placeholder {{}} once")
         if not self.prompts or not self.class_prompts:
             raise BenchError(f"subject {self.name} needs evaluation prompts and class prompts")
+        if self.masks is not None and self.masks.shape != self.images.shape[:3]:
+            raise BenchError(f"subject {self.name}: masks {self.masks.shape} do not match images {self.images.shape}")
 
     @property
     def token(self) -> str:
@@ -257,18 +260,22 @@ def _class_prompts(class_noun: str) -> tuple[str, ...]:
                  for size in SIZES for color in COLORS for bg in BACKGROUNDS)
 
 
-def embedded_subject(concept: EmbeddedConcept, resolution: int = 32) -> Subject:
+def embedded_subject(concept: EmbeddedConcept, resolution: int = 32, caption: str = "a {size} {{}}") -> Subject:
+    """The concept's five images (and exact masks), captions ``caption`` + " on a <background> background"."""
     backgrounds = list(BACKGROUNDS)
     scenes = [_concept_scene(concept, i, backgrounds[i % len(backgrounds)]) for i in range(CONCEPT_IMAGES)]
-    images = np.stack([render(s, resolution)[0] for s in scenes])
-    captions = tuple(f"a {concept.size} {{}} on a {s.background} background" for s in scenes)
+    rendered = [render(s, resolution) for s in scenes]
+    images = np.stack([image for image, _ in rendered])
+    masks = np.stack([mask[0] for _, mask in rendered])
+    phrase = caption.format(size=concept.size, shape=concept.shape, color=concept.color)
+    captions = tuple(f"{phrase} on a {s.background} background" for s in scenes)
     prompts, truths = [], []
     for size, bg in EVAL_CONTEXTS:
         prompts.append(f"a {size} {{}} on a {bg} background")
         truths.append({"background": bg, "count": 1,
                        "objects": [{"shape": concept.shape, "color": concept.color, "size": size}]})
     return Subject(concept.name, concept.class_noun, images, captions, tuple(prompts),
-                   _class_prompts(concept.class_noun), tuple(truths))
+                   _class_prompts(concept.class_noun), tuple(truths), masks=masks)
 
 
 class EmbeddedConcepts(PersonalizationSet):
@@ -298,6 +305,58 @@ class EmbeddedConcepts(PersonalizationSet):
 
     def identity(self) -> dict[str, Any]:
         return {**super().identity(), "renderer_version": RENDERER_VERSION, "seed": CONCEPT_SEED}
+
+
+# -- composition of two concepts (MagiCapture) ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Composition:
+    """Two concepts learned together and asked for together: a ``subject`` (its shape) and a ``style`` (its color)."""
+
+    subject: str  # the subject's name: its token <subject> names it in prompts
+    style: str
+    truth: Mapping[str, str]  # what the composed object must show: {"shape": ..., "color": ...}
+
+
+class EmbeddedComposition(PersonalizationSet):
+    """MagiCapture's task on the shapes world: the held-out diamond shape (subject, learned from the green diamonds)
+    and the held-out orange color (style, learned from the orange circles), asked for together.
+
+    Each concept's captions name the other attribute of its images with a known word ("a large green <diamond> on
+    a gray background", "a large <orange> circle on a gray background"), so that <diamond> has only the shape to
+    explain and <orange> only the color (MagiCapture's composed prompt splits the image into the subject's and the
+    style's regions; here the two attributes share the object's region, so they are split by the words). The run's
+    prompts compose them: "a large <orange> <diamond> on a black background" (the six contexts of
+    embedded-concepts), whose ground truth is one orange diamond of the asked size on the asked background
+    (attribute-accuracy: shape, color, background and count).
+    """
+
+    name = "embedded-composition"
+    summary = ("embedded composition set (MagiCapture): the held-out diamond shape and orange color, learned apart "
+               "and asked for together ('a large <orange> <diamond> on a black background'), 6 prompts")
+    resolution = 32
+    default_model = "embedded-t2i"
+    feature_extractor = "shapes-cnn32"
+    clip_backbone = "shapes-clip"
+    embedded = True
+    default_metrics = ("attribute-accuracy", "latency", "memory")
+    composition = Composition("diamond", "orange", {"shape": "diamond", "color": "orange"})
+    CAPTIONS = {"diamond": "a {size} {color} {{}}", "orange": "a {size} {{}} {shape}"}
+
+    def subjects(self) -> list[Subject]:
+        return [embedded_subject(c, self.resolution, self.CAPTIONS[c.name]) for c in EMBEDDED_CONCEPTS]
+
+    def prompts(self, num_samples: int) -> list[Prompt]:
+        c = self.composition
+        entries = []
+        for size, bg in EVAL_CONTEXTS:
+            truth = {"composition": f"{c.style} {c.subject}", "background": bg, "count": 1,
+                     "objects": [{**c.truth, "size": size}]}
+            entries.append(Prompt(f"a {size} <{c.style}> <{c.subject}> on a {bg} background", truth, "composition"))
+        return [entries[i % len(entries)] for i in range(num_samples)]
+
+    def identity(self) -> dict[str, Any]:
+        return {**super().identity(), "renderer_version": RENDERER_VERSION, "seed": CONCEPT_SEED,
+                "composition": repr(self.composition), "captions": self.CAPTIONS}
 
 
 def load_personalization_set(name: str) -> PersonalizationSet:

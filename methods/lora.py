@@ -70,16 +70,7 @@ class LoRA(PeftAdapterMethod):
                           target_modules=list(TARGET_MODULES))
 
     def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
-        name = adapter_name(subject)
-        with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
-            torch.manual_seed(self.args.train_seed)
-            model.unet.add_adapter(self.config(), adapter_name=name)
-        model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
-        model.unet.set_adapter(name)
-        params = [p for n, p in model.unet.named_parameters() if "lora_" in n and f".{name}." in n]
-        for p in params:
-            p.requires_grad_(True)
-        return params
+        return add_lora(model, self.config(), adapter_name(subject), self.args.train_seed)
 
     def lora_state(self, model: DiffusionModel, subject: Subject) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """What ``finish`` saves: the subject's trained adapter in diffusers' LoRA format and its LoraConfig (dict)."""
@@ -96,6 +87,8 @@ class LoRA(PeftAdapterMethod):
         # generation uses the saved file, through diffusers' loader
         model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
         model.pipeline.disable_lora()
+    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
+        save_lora(model, adapter_name(subject), folder)
         self.folders[subject.name] = folder
 
     @contextlib.contextmanager
@@ -109,6 +102,30 @@ class LoRA(PeftAdapterMethod):
             yield
         finally:
             model.pipeline.disable_lora()
+
+
+def add_lora(model: DiffusionModel, config: LoraConfig, name: str, seed: int) -> list[torch.nn.Parameter]:
+    """A new peft adapter ``name`` on the UNet, the only one active; its parameters, trainable."""
+    with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
+        torch.manual_seed(seed)
+        model.unet.add_adapter(config, adapter_name=name)
+    model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
+    model.unet.set_adapter(name)
+    params = [p for n, p in model.unet.named_parameters() if "lora_" in n and f".{name}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def save_lora(model: DiffusionModel, name: str, folder: Path) -> None:
+    """Save adapter ``name`` in diffusers' LoRA format, then reload it from that file (generation uses the saved
+    file, through diffusers' loader), loaded but disabled."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict())
+    model.unet.delete_adapters(name)
+    model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
+    model.pipeline.disable_lora()
 
 
 def load(pipeline: Any, folder: Path) -> None:

@@ -36,7 +36,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -251,6 +251,10 @@ class PersonalizationMethod(LatentTextToImage):
         return count, losses
 
     # -- sampling -------------------------------------------------------------------------------------------------------------
+    def prompt_subject(self, text: str) -> Subject | None:
+        """The subject whose adapter generates ``text`` (None: the untouched model); one subject per prompt."""
+        return subject_of(text, list(self.subjects.values()))
+
     def _prompt_text(self, text: str, subject: Subject | None) -> str:
         return text if subject is None else text.replace(subject.token, self.phrase(subject))
 
@@ -261,10 +265,9 @@ class PersonalizationMethod(LatentTextToImage):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         if not self.subjects:
             raise BenchError(f"method {self.name!r} generates after prepare() has trained its subjects")
-        subjects = list(self.subjects.values())
         groups: dict[str | None, list[int]] = {}
         for i, text in enumerate(prompts):  # a prompt without a subject gets the untouched model
-            s = subject_of(text, subjects)
+            s = self.prompt_subject(text)
             groups.setdefault(s.name if s else None, []).append(i)
         out: list[torch.Tensor | None] = [None] * len(seeds)
         for name, idx in groups.items():
@@ -372,8 +375,8 @@ class NewTokens:
         with torch.no_grad():
             for t, i in zip(tokens, init_ids):
                 weight[self.ids[t]] = weight[i]
-        self._hook = None
-        self._vector: torch.nn.Parameter | None = None
+        self._hooks: dict[str, Any] = {}
+        self._vectors: dict[str, Callable[[], torch.Tensor]] = {}
 
     @property
     def weight(self) -> torch.nn.Parameter:
@@ -381,26 +384,33 @@ class NewTokens:
 
     def train_row(self, token: str) -> torch.nn.Parameter:
         """A trainable copy of ``token``'s row, used wherever the token occurs until ``finish``."""
+        vector = torch.nn.Parameter(self.weight[self.ids[token]].detach().clone())
+        self.bind(token, lambda: vector)
+        return vector
+
+    def bind(self, token: str, make_vector: Callable[[], torch.Tensor]) -> None:
+        """Use ``make_vector()`` (a function of trained parameters: Celeb Basis's coefficients) as ``token``'s row
+        wherever the token occurs, until ``finish``; several tokens may be bound at once (MagiCapture)."""
         token_id = self.ids[token]
-        vector = torch.nn.Parameter(self.weight[token_id].detach().clone())
 
         def put(module: Any, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
             where = (inputs[0] == token_id).unsqueeze(-1)
-            return torch.where(where, vector.to(output.dtype), output)
+            if not bool(where.any()):
+                return output
+            return torch.where(where, make_vector().to(output.dtype), output)
 
-        self._hook = self.model.text_encoder.get_input_embeddings().register_forward_hook(put)
-        self._vector = vector
-        return vector
+        self._hooks[token] = self.model.text_encoder.get_input_embeddings().register_forward_hook(put)
+        self._vectors[token] = make_vector
 
     def finish(self, token: str) -> None:
         """Write the learned vector into the embedding matrix; the hook goes."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        if self._vector is not None:
+        hook = self._hooks.pop(token, None)
+        if hook is not None:
+            hook.remove()
+        make_vector = self._vectors.pop(token, None)
+        if make_vector is not None:
             with torch.no_grad():
-                self.weight[self.ids[token]] = self._vector.detach()
-            self._vector = None
+                self.weight[self.ids[token]] = make_vector().detach()
 
     def save(self, token: str, path: Path) -> None:
         """diffusers' textual-inversion file: {token: [1, dim]} (``load_textual_inversion`` reads it)."""
