@@ -63,11 +63,9 @@ RUN_OUTPUTS: tuple[Output, ...] = (
     Output("train_peak_memory_bytes", "training peak bytes", "lower", ".3g", None, None),
     Output("train_saved_bytes", "saved bytes", "lower", ".3g", None, None),
     Output("train_*", "training", "none", ".3g", None, None),
-    # a method trained once for every subject (InstantBooth's encoders): that one-time budget, beside the per-run one
+    # a method trained once for every subject (InstantBooth's encoders, HyperDreamBooth's HyperNetwork): that one-time budget, beside the per-run one
     Output("pretrain_seconds", "pre-training s (once)", "lower", ".1f", None, None),
     Output("pretrain_*", "pre-training", "none", ".3g", None, None),
-    Output("pretrain_seconds", "one-time pre-training s", "lower", ".1f", None, None),  # HyperDreamBooth's HyperNetwork
-    Output("pretrain_*", "one-time pre-training", "none", ".3g", None, None),
     Output("prior_drift", "prior drift (FID, before vs after)", "lower", ".3f", None, None),
     Output("prior_*", "prior", "none", ".3f", None, None),
 )

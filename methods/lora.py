@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from peft import LoraConfig
 
 from bench.claim import Claim, personalize
-from bench.interfaces import MethodCard
-from methods.peft_adapters import LORA_FILE, TARGET_MODULES, DiffusersLoRAFile, PeftAdapterMethod, ScaledAdapterArgs
+from bench.interfaces import DiffusionModel, MethodCard
+from bench.personalization import Subject
+from methods.peft_adapters import (LORA_FILE, TARGET_MODULES, DiffusersLoRAFile, PeftAdapterMethod, ScaledAdapterArgs,
+                                   adapter_name, adapter_parameters)
 
-__all__ = ["LORA_FILE", "LoRA", "LoRAArgs", "load"]
+__all__ = ["LORA_FILE", "TARGET_MODULES", "LoRA", "LoRAArgs", "add_lora", "load", "save_lora"]
 
 
 @dataclass(frozen=True)
@@ -69,49 +72,26 @@ class LoRA(PeftAdapterMethod):
         return LoraConfig(r=self.args.rank, lora_alpha=self.args.alpha, init_lora_weights="gaussian",
                           target_modules=list(TARGET_MODULES))
 
-    def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
-        return add_lora(model, self.config(), adapter_name(subject), self.args.train_seed)
-
     def lora_state(self, model: DiffusionModel, subject: Subject) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """What ``finish`` saves: the subject's trained adapter in diffusers' LoRA format and its LoraConfig (dict)."""
-        name = adapter_name(subject)
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
-        return state, model.unet.peft_config[name].to_dict()
+        """What ``finish`` saves: the subject's trained adapter in diffusers' LoRA format and its LoraConfig (dict);
+        a subclass may change it (HyperDreamBooth adds its predicted weights)."""
+        return DiffusersLoRAFile.state(model, adapter_name(subject))
 
     def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
         name = adapter_name(subject)
-        state, metadata = self.lora_state(model, subject)
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=metadata)
-        model.unet.delete_adapters(name)
-        # generation uses the saved file, through diffusers' loader
-        model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
-        model.pipeline.disable_lora()
-    def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
-        save_lora(model, adapter_name(subject), folder)
+        DiffusersLoRAFile.write(folder, *self.lora_state(model, subject))
+        self.adapters.reload(model, name, folder)  # generation uses the saved file
+        self.adapters.select(model, None)
         self.folders[subject.name] = folder
-
-    @contextlib.contextmanager
-    def activate(self, model: DiffusionModel, subject: Subject | None):
-        if subject is None:
-            yield
-            return
-        model.pipeline.enable_lora()
-        model.pipeline.set_adapters([adapter_name(subject)])
-        try:
-            yield
-        finally:
-            model.pipeline.disable_lora()
 
 
 def add_lora(model: DiffusionModel, config: LoraConfig, name: str, seed: int) -> list[torch.nn.Parameter]:
-    """A new peft adapter ``name`` on the UNet, the only one active; its parameters, trainable."""
+    """A new LoRA adapter ``name`` on the UNet (its initialization seeded by ``seed``), the only one active; its
+    parameters, trainable."""
     with torch.random.fork_rng(devices=[]):  # A's Gaussian init draws from the global generator
         torch.manual_seed(seed)
-        model.unet.add_adapter(config, adapter_name=name)
-    model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
-    model.unet.set_adapter(name)
-    params = [p for n, p in model.unet.named_parameters() if "lora_" in n and f".{name}." in n]
+        DiffusersLoRAFile().inject(model, config, name)
+    params = adapter_parameters(model.unet, name)
     for p in params:
         p.requires_grad_(True)
     return params
@@ -120,12 +100,10 @@ def add_lora(model: DiffusionModel, config: LoraConfig, name: str, seed: int) ->
 def save_lora(model: DiffusionModel, name: str, folder: Path) -> None:
     """Save adapter ``name`` in diffusers' LoRA format, then reload it from that file (generation uses the saved
     file, through diffusers' loader), loaded but disabled."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                              unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict())
-    model.unet.delete_adapters(name)
-    model.pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
-    model.pipeline.disable_lora()
+    lora = DiffusersLoRAFile()
+    lora.save(model, name, folder)
+    lora.reload(model, name, folder)
+    lora.select(model, None)
 
 
 def load(pipeline: Any, folder: Path) -> None:

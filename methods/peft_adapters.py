@@ -98,13 +98,23 @@ class DiffusersLoRAFile:
         model.unet.enable_adapters()  # earlier subjects' adapters stay loaded but inactive
         model.unet.set_adapter(name)
 
-    def save(self, model: DiffusionModel, name: str, folder: Path) -> None:
-        from diffusers import StableDiffusionPipeline
+    @staticmethod
+    def state(model: DiffusionModel, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Adapter ``name`` in diffusers' LoRA format and its config (a dict)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
         state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet, adapter_name=name))
+        return state, model.unet.peft_config[name].to_dict()
+
+    @staticmethod
+    def write(folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        from diffusers import StableDiffusionPipeline
+
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=model.unet.peft_config[name].to_dict())
+                                                  unet_lora_adapter_metadata=config)
+
+    def save(self, model: DiffusionModel, name: str, folder: Path) -> None:
+        self.write(folder, *self.state(model, name))
 
     def reload(self, model: DiffusionModel, name: str, folder: Path) -> None:
         model.unet.delete_adapters(name)
