@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -81,6 +81,14 @@ class Subject:
     def token(self) -> str:
         """The placeholder token that names the subject in run prompts (and Textual Inversion's new token)."""
         return f"<{self.name}>"
+
+    def select(self, index: slice | Sequence[int]) -> "Subject":
+        """The same subject with only some of its images (their captions and masks follow them)."""
+        picks = range(len(self.images))[index] if isinstance(index, slice) else list(index)
+        picks = list(picks)
+        return replace(
+            self, images=self.images[picks], captions=tuple(self.captions[i] for i in picks),
+            masks=None if self.masks is None else self.masks[picks])
 
     def images_tensor(self) -> torch.Tensor:
         """uint8 [N, 3, H, W]."""

@@ -144,7 +144,7 @@ class HyperDreamBooth(LoRA):
     # -- one image, the prediction, the relaxed LoRA -------------------------------------------------------------------
     def training_data(self, model, reference, subject: Subject, spec):
         i = self.args.reference_image
-        one = dataclasses.replace(subject, images=subject.images[i : i + 1], captions=subject.captions[i : i + 1])
+        one = subject.select(slice(i, i + 1))
         return super().training_data(model, reference, one, spec)
 
     def trainable(self, model: DiffusionModel, subject: Subject) -> list[torch.nn.Parameter]:
