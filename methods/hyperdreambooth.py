@@ -24,7 +24,6 @@ on any model but the one the committed HyperNetwork was trained for, the run is 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
