@@ -164,7 +164,8 @@ class LatentTextToImage(TextToImageMethod):
         cond, uncond = model.pipeline.encode_prompt(list(prompts), device, 1, guided, None)
         return torch.cat([uncond, cond]) if guided else cond
 
-    def conditioning(self, model: DiffusionModel, prompts: Sequence[str], guided: bool, device, dtype) -> dict[str, Any]:
+    def unet_conditioning(self, model: DiffusionModel, prompts: Sequence[str], guided: bool, device,
+                          dtype) -> dict[str, Any]:
         """The UNet's keyword arguments for [uncond; cond]: ``encoder_hidden_states`` (SD), plus ``added_cond_kwargs``
         (SDXL: the pooled text embedding and the micro-conditioning)."""
         if model.kind == SDXL_KIND:
@@ -179,7 +180,7 @@ class LatentTextToImage(TextToImageMethod):
         scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())
         guided = self.guidance_scale() != 1.0
-        context = self.conditioning(model, batch.prompts, guided, param.device, param.dtype)
+        context = self.unet_conditioning(model, batch.prompts, guided, param.device, param.dtype)
         gens = sampling.generators(batch.seeds)
         x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
 

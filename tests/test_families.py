@@ -87,7 +87,7 @@ def test_micro_conditioning_changes_samples(sdxl_dir):
 
 
 def test_micro_conditioning_is_recorded_and_hashed(sdxl_dir, tmp_path):
-    from bench.runner import plan_run
+    from bench.runner import plan_run, sample
 
     def plan(model, **args):
         return plan_run(RunSpec(method="cfg", method_args=args, model=str(model), steps=2, num_samples=4, batch_size=4,
@@ -98,6 +98,9 @@ def test_micro_conditioning_is_recorded_and_hashed(sdxl_dir, tmp_path):
         "original_size": [32, 32], "crops_coords_top_left": [0, 0], "target_size": [32, 32]}
     assert cropped.protocol["method"]["micro_conditioning"]["crops_coords_top_left"] == [4, 0]
     assert cropped.spec.method_args["crop_top"] == 4 and default.protocol_hash != cropped.protocol_hash
+    assert default.prompts is not None  # a text-conditioned run: prompt i for sample i
+    images, timings = sample(default, progress=False)  # the runner's whole sampling phase
+    assert images.shape == (4, 32, 32, 3)
     # on an SD-1.x model the options at their defaults leave the recorded options (and so old hashes) as they were
     sd = save_tiny_t2i(tmp_path / "sd")
     assert set(plan(sd).spec.method_args) == {"scheduler", "guidance"}
