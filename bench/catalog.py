@@ -25,6 +25,10 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "lms": "methods.k_diffusion:LMS",
     "deis": "methods.deis:DEIS",
     "kdpm2": "methods.k_diffusion:KDPM2",
+    # -- flow-matching samplers (issue 16): SD3 and FLUX
+    "flow-euler": "methods.flow_euler:FlowEuler",
+    "flow-heun": "methods.flow_heun:FlowHeun",
+    "flow-dpmsolver++": "methods.flow_dpm_solver_pp:FlowDPMSolverPP",
     # -- text-to-image guidance
     "cfg": "methods.cfg:CFG",
     "cfg-rescale": "methods.cfg_rescale:CFGRescale",

@@ -8,6 +8,7 @@ figure compares the sampling phase against.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from typing import Any
 
@@ -27,6 +28,18 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def timestep_is_keyword(model: Any) -> bool:
+    """Whether ``model`` takes the timestep by keyword only in practice: the diffusion transformers (SD3's, FLUX's
+    ``forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)``) put the text second, where
+    the UNets put the timestep."""
+    module = getattr(model, "_orig_mod", model)  # a torch.compile'd module: its original's signature
+    try:
+        params = list(inspect.signature(getattr(module, "forward", module)).parameters)
+    except (TypeError, ValueError):
+        return False
+    return "timestep" in params and params.index("timestep") != 1
+
+
 class CountingDenoiser:
     """``denoiser(x, t, **kwargs) -> prediction``; counts calls and per-sample evaluations.
 
@@ -41,6 +54,12 @@ class CountingDenoiser:
         self.evaluations = 0
         self._cpu_seconds: list[float] = []
         self._events: list[tuple[Any, Any]] = []
+        self._timestep_keyword = timestep_is_keyword(model)
+
+    def _forward(self, sample: torch.Tensor, timestep: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self._timestep_keyword:
+            return self.model(sample, timestep=timestep, **kwargs).sample
+        return self.model(sample, timestep, **kwargs).sample
 
     def __call__(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> torch.Tensor:
         self.calls += 1
@@ -48,12 +67,12 @@ class CountingDenoiser:
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            out = self.model(sample, timestep, **kwargs).sample
+            out = self._forward(sample, timestep, kwargs)
             end.record()
             self._events.append((start, end))
             return out
         start = time.perf_counter()
-        out = self.model(sample, timestep, **kwargs).sample
+        out = self._forward(sample, timestep, kwargs)
         self._cpu_seconds.append(time.perf_counter() - start)
         return out
 

@@ -255,7 +255,7 @@ class Method(ABC):
                 raise BenchError(
                     f"method {self.name!r} samples DDPM-family models; {model.name!r} is a flow-matching model "
                     f"(velocity prediction on FlowMatchEulerDiscreteScheduler sigmas): use a flow-matching sampler "
-                    f"(flow-euler, a later part of issue 16: none is registered yet)"
+                    f"(flow-euler, flow-heun, flow-dpmsolver++)"
                 )
             raise BenchError(
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "

@@ -102,14 +102,18 @@ def save_tiny_sd3(folder: Path, seed: int = 0) -> Path:
     return Path(folder)
 
 
-def save_tiny_flux(folder: Path, seed: int = 0) -> Path:
+def save_tiny_flux(folder: Path, seed: int = 0, dev: bool = False) -> Path:
+    """``dev``: FLUX.1-dev's layout (``guidance_embeds``: the guidance value is a transformer input) with a
+    dynamically shifted schedule (``use_dynamic_shifting``, the scheduler's default base and max shift); else
+    schnell's layout (no guidance input) with the scheduler's defaults (a static shift of 1)."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     pipe = FluxPipeline(
-        transformer=FluxTransformer2DModel(**TINY_FLUX), scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(shift=True),
+        transformer=FluxTransformer2DModel(**TINY_FLUX, guidance_embeds=dev), vae=_vae(shift=True),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=dev),
         text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP)), tokenizer=_clip_tokenizer(),
         text_encoder_2=_t5_encoder(), tokenizer_2=_t5_tokenizer(),
     )

@@ -1,0 +1,25 @@
+"""Flow-matching Heun: Heun's second-order method (Karras et al. 2022, Algorithm 1) on the flow ODE."""
+
+from __future__ import annotations
+
+from bench.interfaces import MethodCard
+from methods.flow_matching import FlowMatchingSampler
+
+
+class FlowHeun(FlowMatchingSampler):
+    name = "flow-heun"
+    summary = "Heun steps of the flow ODE (FlowMatchHeunDiscreteScheduler); two NFE per step but the last"
+    paper = "Karras et al. 2022, Elucidating the Design Space of Diffusion-Based Generative Models"
+    card = MethodCard(
+        citation="Tero Karras, Miika Aittala, Timo Aila, Samuli Laine. Elucidating the Design Space of "
+        "Diffusion-Based Generative Models. NeurIPS 2022 (arXiv 2206.00364).",
+        url="https://arxiv.org/abs/2206.00364",
+        reproduces="Algorithm 1 (Heun's 2nd order, deterministic) on the velocity of a flow-matching model, by "
+        "diffusers' FlowMatchHeunDiscreteScheduler: an Euler step corrected by the velocity at its end, first order "
+        "on the last step to sigma 0, so NFE = 2 steps - 1 (counted). Its sigmas are its own (the scheduler's "
+        "linspace with the static shift; a dynamically shifted model's exp(mu) as that shift, the same sigma map); "
+        "FluxPipeline cannot run it (it passes sigmas, which the scheduler does not take).",
+        reference="Karras et al., Table 2: Heun reaches Euler's FID at about half the NFE (CIFAR-10, VP/VE models).",
+        embedded_claim="",
+    )
+    scheduler_class = "FlowMatchHeunDiscreteScheduler"
