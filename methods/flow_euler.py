@@ -40,3 +40,4 @@ class FlowEuler(FlowMatchingSampler):
             scheduler.set_timesteps(steps, **kwargs)
 
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
+    takes_mu = True

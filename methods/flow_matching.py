@@ -62,6 +62,7 @@ class FlowMatchingSampler(TextToImageMethod):
     model_kinds: ClassVar[tuple[str, ...]] = (FLOW_KIND,)
     Args: ClassVar[type] = FlowArgs
     scheduler_class: ClassVar[str]
+    takes_mu: ClassVar[bool] = False  # set_timesteps(mu=...): any time-shift type; else exp(mu) as a static shift
 
     # -- what an adapter says --------------------------------------------------------------------------------------
     def scheduler_overrides(self, model: DiffusionModel) -> dict[str, Any]:
@@ -140,6 +141,11 @@ class FlowMatchingSampler(TextToImageMethod):
         if self.args.guidance is not None and self.guidance(model) is None:
             raise BenchError(f"method {self.name!r}: {model.name!r} takes no guidance (a FLUX transformer without "
                              f"guidance_embeds, such as FLUX.1-schnell); leave --guidance out")
+        if (self.dynamic(model) and not self.takes_mu
+                and model.scheduler_config.get("time_shift_type", "exponential") != "exponential"):
+            raise BenchError(f"method {self.name!r}: {model.name!r} shifts its sigmas dynamically with the "
+                             f"{model.scheduler_config['time_shift_type']} time shift, which {self.scheduler_class} "
+                             f"cannot represent; pass --shift for a static shift, or use flow-euler")
         # entries of the folder's config that change its sigmas and that this scheduler cannot take: refuse, not drop
         import diffusers
 

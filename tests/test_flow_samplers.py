@@ -162,6 +162,22 @@ def test_bad_options_are_one_line(args, match):
         METHODS.get("flow-dpmsolver++").parse_args(args)
 
 
+def test_schedules_a_scheduler_cannot_represent_are_refused(flux_dev_dir):
+    """A linear dynamic time shift has no static equivalent (Heun and DPM-Solver++ take no mu); a shift_terminal
+    stretch is Euler's alone: both refused in one line, not silently dropped."""
+    model = small_flux(flux_dev_dir)
+    linear = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "time_shift_type": "linear"})
+    method("flow-euler").check(linear, 2)
+    for name in ("flow-heun", "flow-dpmsolver++"):
+        with pytest.raises(BenchError, match="linear time shift"):
+            method(name).check(linear, 2)
+        method(name, shift=3.0).check(linear, 2)  # a static shift replaces it
+    stretched = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "shift_terminal": 0.1})
+    with pytest.raises(BenchError, match=r"shift_terminal=0\.1, which FlowMatchHeunDiscreteScheduler cannot") as e:
+        method("flow-heun").check(stretched, 2)
+    assert "\n" not in str(e.value)
+
+
 # -- the protocol ------------------------------------------------------------------------------------------------------
 def test_shift_option_is_recorded_and_hashed(sd3_dir, tmp_path):
     from bench.runner import plan_run
