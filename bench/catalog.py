@@ -113,4 +113,8 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
     "embedded-t2i": "bench.models:embedded_t2i",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "bench.models:stable_diffusion_v1_5",
+    "stabilityai/stable-diffusion-xl-base-1.0": "bench.models:stable_diffusion_xl_base",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",
+    "black-forest-labs/FLUX.1-schnell": "bench.models:flux1_schnell",
+    "black-forest-labs/FLUX.1-dev": "bench.models:flux1_dev",
 })

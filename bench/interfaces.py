@@ -81,6 +81,40 @@ class TextToImageModel(DiffusionModel):
         return [self.unet, self.vae, self.text_encoder]
 
 
+@dataclass
+class SDXLModel(TextToImageModel):
+    """A ``StableDiffusionXLPipeline``'s parts (kind "text-to-image-xl", Podell et al. 2023): two text encoders
+    (CLIP ViT-L and OpenCLIP bigG; their penultimate hidden states concatenated, the second's pooled embedding
+    projected) and a UNet that also takes ``added_cond_kwargs`` (``text_embeds``: the pooled embedding;
+    ``time_ids``: the micro-conditioning, original size, crop top-left, target size)."""
+
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    def modules(self) -> list[Any]:
+        return [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
+
+
+@dataclass
+class FlowMatchingModel(DiffusionModel):
+    """A flow-matching text-to-image model (kind "flow-matching": SD3's ``StableDiffusion3Pipeline``, FLUX's
+    ``FluxPipeline``; Esser et al. 2024, Black Forest Labs 2024): ``unet`` holds the transformer
+    (``SD3Transformer2DModel`` or ``FluxTransformer2DModel``), which predicts the velocity ``noise - x0`` at a
+    sigma in [0, 1] (``prediction_type`` "flow"); ``scheduler_config`` is the folder's
+    ``FlowMatchEulerDiscreteScheduler`` config (shift, dynamic shifting). DDPM-family samplers refuse it."""
+
+    family: str = ""  # "sd3" or "flux"
+    prediction_type: str = "flow"
+    vae: Any = None
+    text_encoders: tuple[Any, ...] = ()
+    tokenizers: tuple[Any, ...] = ()
+    latent_shape: tuple[int, int, int] = (16, 8, 8)
+    pipeline: Any = None
+
+    def modules(self) -> list[Any]:
+        return [self.unet, self.vae, *self.text_encoders]
+
+
 @dataclass(frozen=True)
 class Prompt:
     """One prompt of a prompt data set; ``attributes`` is the embedded world's ground truth (else None)."""
@@ -109,6 +143,15 @@ class EditItem:
     target: Any = None  # uint8 numpy [H, W, 3] or None
     blend_words: tuple[str, str] = ("", "")
     instruction: str = ""
+
+
+def recorded_args(args: Any) -> dict[str, Any]:
+    """A method's parsed ``Args`` as recorded in the run spec and hashed: every field, except a field whose metadata
+    says ``omit_default`` while it has its default value (an option added to an existing method later, such as
+    SDXL's micro-conditioning on ``cfg``: runs that do not use it keep the protocol hash they had before)."""
+    full = dataclasses.asdict(args)
+    return {f.name: full[f.name] for f in dataclasses.fields(args)
+            if not (f.metadata.get("omit_default") and getattr(args, f.name) == f.default)}
 
 
 def check_finite(method: str, option: str, value: Any) -> None:
@@ -208,6 +251,12 @@ class Method(ABC):
     def check(self, model: DiffusionModel, steps: int) -> None:
         """Raise BenchError if this method cannot run on ``model`` with ``steps``."""
         if model.kind not in self.model_kinds:
+            if model.kind == "flow-matching":
+                raise BenchError(
+                    f"method {self.name!r} samples DDPM-family models; {model.name!r} is a flow-matching model "
+                    f"(velocity prediction on FlowMatchEulerDiscreteScheduler sigmas): use a flow-matching sampler "
+                    f"(flow-euler, a later part of issue 16: none is registered yet)"
+                )
             raise BenchError(
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "
                 f"but {model.name!r} is {model.kind}"

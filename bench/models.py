@@ -24,10 +24,12 @@ from bench import reuse
 from bench.catalog import MODELS
 from bench.errors import BenchError
 from bench.files import file_digest
-from bench.interfaces import DiffusionModel, TextToImageModel
+from bench.interfaces import DiffusionModel, FlowMatchingModel, SDXLModel, TextToImageModel
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent / "embedded" / "weights"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+# hub repositories that need their license accepted on the hub before `hf download` works
+GATED = {"stabilityai/stable-diffusion-3-medium-diffusers", "black-forest-labs/FLUX.1-dev"}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -49,13 +51,16 @@ def resolve_folder(source: str) -> Path:
         return Path(
             snapshot_download(
                 source,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "**/*.json", "**/*.safetensors", "**/*.txt"],
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "**/*.json", "**/*.safetensors", "**/*.txt",
+                                "**/spiece.model"],  # spiece.model: T5's sentencepiece vocabulary (SD3, FLUX)
             )
         )
     except Exception:  # offline, unknown repo, gated: all mean the files are not here
+        gated = (" (a gated repository: accept its license on huggingface.co and `hf auth login` first)"
+                 if source in GATED else "")
         raise BenchError(
             f"model {source} is not in the local Hugging Face cache and cannot be downloaded here: "
-            f"run `hf download {source}` on a machine with network access (HF_HOME={_hf_home()}), "
+            f"run `hf download {source}` on a machine with network access{gated} (HF_HOME={_hf_home()}), "
             f"or save it with save_pretrained to a folder and pass --model PATH"
         ) from None
 
@@ -235,12 +240,176 @@ def stable_diffusion_v1_5() -> TextToImageModel:
     return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
+# -- today's families: SDXL (micro-conditioning), SD3 and FLUX (flow matching) -----------------------------------------
+# the weights each pipeline needs, as safetensors (one file or shards) in its component folders
+PIPELINE_WEIGHTS = {
+    "StableDiffusionXLPipeline": ("unet", "vae", "text_encoder", "text_encoder_2"),
+    "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    "FluxPipeline": ("transformer", "vae", "text_encoder", "text_encoder_2"),
+}
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "spiece.model", "special_tokens_map.json",
+                   "tokenizer_config.json")
+
+
+def _pipeline_files(folder: Path, class_name: str) -> list[Path]:
+    """The safetensors of every component the pipeline needs, and its tokenizer files; BenchError for a missing one."""
+    files, missing = [], []
+    for part in PIPELINE_WEIGHTS[class_name]:
+        found = sorted((folder / part).glob("*.safetensors"))
+        # a variant (fp16) beside the full-precision file: the digest covers what from_pretrained loads
+        plain = [f for f in found if f.name.count(".") == 1]
+        files += plain or found
+        if not found:
+            missing.append(f"{part}/*.safetensors")
+    if missing:
+        raise BenchError(f"{folder} lacks {', '.join(missing)} (safetensors weights are required; nothing is unpickled)")
+    for tok in sorted(folder.glob("tokenizer*")):
+        files += [tok / f for f in TOKENIZER_FILES if (tok / f).exists()]
+    return files
+
+
+def _from_pretrained(pipeline_cls, folder: Path, source: str, name: str | None):
+    try:
+        with _quiet_loading(), quiet_loading():
+            pipe = pipeline_cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {folder}: {_first_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return pipe
+
+
+def _scheduler_config(pipe) -> dict:
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    config["_class_name"] = type(pipe.scheduler).__name__
+    return config
+
+
+def load_sdxl(source: str, name: str | None = None, embedded: bool = False) -> SDXLModel:
+    """A ``StableDiffusionXLPipeline`` folder or hub id, loaded as SDXL is: ``from_pretrained``, float32 (loaded once
+    per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
+    folder = resolve_folder(source)
+    key = ("sdxl", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_sdxl(folder, source, name, embedded))
+
+
+def _load_sdxl(folder: Path, source: str, name: str | None, embedded: bool) -> SDXLModel:
+    if pipeline_class(folder) != "StableDiffusionXLPipeline":
+        raise BenchError(f"{folder} is not a StableDiffusionXLPipeline folder (model_index.json names "
+                         f"{pipeline_class(folder)})")
+    files = _pipeline_files(folder, "StableDiffusionXLPipeline")
+    from diffusers import StableDiffusionXLPipeline  # lazy: see _load_text_to_image
+
+    pipe = _from_pretrained(StableDiffusionXLPipeline, folder, source, name)
+    if pipe.text_encoder is None or pipe.text_encoder_2 is None:
+        raise BenchError(f"{folder}: a StableDiffusionXLPipeline needs text_encoder and text_encoder_2 (the refiner's "
+                         f"layout, text_encoder_2 alone, is not a text-to-image base model)")
+    scheduler_config = _scheduler_config(pipe)
+    latent = pipe.unet.config.sample_size
+    latent_hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
+    factor = pipe.vae_scale_factor
+    return SDXLModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config,
+                                         "vae_scaling_factor": pipe.vae.config.scaling_factor}),
+        kind="text-to-image-xl",
+        unet=pipe.unet,
+        scheduler_config=scheduler_config,
+        sample_shape=(3, latent_hw[0] * factor, latent_hw[1] * factor),
+        embedded=embedded,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        latent_shape=(pipe.unet.config.in_channels, *latent_hw),
+        pipeline=pipe,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer_2=pipe.tokenizer_2,
+    )
+
+
+def load_flow_matching(source: str, name: str | None = None, embedded: bool = False) -> FlowMatchingModel:
+    """A ``StableDiffusion3Pipeline`` or ``FluxPipeline`` folder or hub id: a flow-matching model (velocity
+    prediction, the folder's FlowMatchEulerDiscreteScheduler config), loaded with ``from_pretrained`` in float32
+    (once per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
+    folder = resolve_folder(source)
+    key = ("flow-matching", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_flow_matching(folder, source, name, embedded))
+
+
+def _load_flow_matching(folder: Path, source: str, name: str | None, embedded: bool) -> FlowMatchingModel:
+    class_name = pipeline_class(folder)
+    if class_name not in ("StableDiffusion3Pipeline", "FluxPipeline"):
+        raise BenchError(f"{folder} is not a StableDiffusion3Pipeline or FluxPipeline folder (model_index.json names "
+                         f"{class_name})")
+    files = _pipeline_files(folder, class_name)
+    import diffusers  # lazy: see _load_text_to_image
+
+    pipe = _from_pretrained(getattr(diffusers, class_name), folder, source, name)
+    scheduler_config = _scheduler_config(pipe)
+    if scheduler_config["_class_name"] != "FlowMatchEulerDiscreteScheduler":
+        raise BenchError(f"{folder}/scheduler is a {scheduler_config['_class_name']}, not the "
+                         f"FlowMatchEulerDiscreteScheduler of a flow-matching model")
+    factor = pipe.vae_scale_factor
+    latent_channels = pipe.vae.config.latent_channels
+    side = pipe.default_sample_size  # latent side of the pipeline's default size (128: 1024 px for SD3 and FLUX.1)
+    family = "flux" if class_name == "FluxPipeline" else "sd3"  # FLUX's transformer sees 2x2 latent patches as tokens
+    encoders = tuple(m for m in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if m)
+    tokenizers = tuple(t for t in (pipe.tokenizer, pipe.tokenizer_2, getattr(pipe, "tokenizer_3", None)) if t)
+    return FlowMatchingModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config, "vae": dict(pipe.vae.config)}),
+        kind="flow-matching",
+        unet=pipe.transformer,
+        scheduler_config=scheduler_config,
+        sample_shape=(3, side * factor, side * factor),
+        embedded=embedded,
+        family=family,
+        vae=pipe.vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        latent_shape=(latent_channels, side, side),
+        pipeline=pipe,
+    )
+
+
+def stable_diffusion_xl_base() -> SDXLModel:
+    """SDXL base 1.0 (Podell et al. 2023), 1024x1024, micro-conditioning; needs the download"""
+    return load_sdxl("stabilityai/stable-diffusion-xl-base-1.0", name="stabilityai/stable-diffusion-xl-base-1.0")
+
+
+def stable_diffusion_3_medium() -> FlowMatchingModel:
+    """SD3 medium (Esser et al. 2024), MMDiT, flow matching; gated, needs the download"""
+    return load_flow_matching("stabilityai/stable-diffusion-3-medium-diffusers",
+                              name="stabilityai/stable-diffusion-3-medium-diffusers")
+
+
+def flux1_schnell() -> FlowMatchingModel:
+    """FLUX.1 [schnell] (Black Forest Labs 2024), 12B flow transformer, few-step distilled; needs the download"""
+    return load_flow_matching("black-forest-labs/FLUX.1-schnell", name="black-forest-labs/FLUX.1-schnell")
+
+
+def flux1_dev() -> FlowMatchingModel:
+    """FLUX.1 [dev] (Black Forest Labs 2024), 12B flow transformer, guidance-distilled; gated, needs the download"""
+    return load_flow_matching("black-forest-labs/FLUX.1-dev", name="black-forest-labs/FLUX.1-dev")
+
+
+PIPELINE_LOADERS = {  # model_index.json's _class_name -> loader
+    "StableDiffusionPipeline": load_text_to_image,
+    "StableDiffusionXLPipeline": load_sdxl,
+    "StableDiffusion3Pipeline": load_flow_matching,
+    "FluxPipeline": load_flow_matching,
+}
+
+
 def load_model(name: str) -> DiffusionModel:
-    """A registered model by name, else a local folder or hub id through the generic loader."""
+    """A registered model by name, else a local folder or hub id through the loader of its pipeline class."""
     if name in MODELS:
         return MODELS.get(name)()
     if "/" in name or name.startswith(("~", ".")) or Path(name).exists():  # a folder or a hub id
-        if pipeline_class(resolve_folder(name)) == "StableDiffusionPipeline":
-            return load_text_to_image(name)
-        return load_pixel_diffusion(name)
+        loader = PIPELINE_LOADERS.get(pipeline_class(resolve_folder(name)) or "", load_pixel_diffusion)
+        return loader(name)
     raise BenchError(MODELS.unknown_message(name) + "; or pass a save_pretrained folder or a hub id (org/name)")

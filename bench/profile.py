@@ -1,8 +1,11 @@
 """Latency of full-size architectures without checkpoints, and the harness's own cost (`bench profile`).
 
-Latency does not depend on weight values, so ``latency`` builds an architecture from its config (the SD-1.5 UNet
-and VAE configs in bench/archs, as published in the diffusers layout of runwayml/stable-diffusion-v1-5) with
-random weights and times one denoiser call: warm-up calls left out, the device synchronised, CUDA events on a
+Latency does not depend on weight values, so ``latency`` builds an architecture from its config (in bench/archs,
+as published in the diffusers layouts: the SD-1.5 UNet and VAE of runwayml/stable-diffusion-v1-5, the SDXL base
+UNet, the SD3-medium MMDiT and the FLUX.1-dev transformer; each file's ``_source`` names its origin) with random
+weights and times one denoiser call with the inputs its pipeline passes (SDXL: ``added_cond_kwargs``, pooled text
+embedding and the 6 micro-conditioning time ids; SD3: text context and pooled projections; FLUX: 2x2-packed latent
+tokens, their position ids and the text's, pooled projections and, for dev, the guidance value): warm-up calls left out, the device synchronised, CUDA events on a
 GPU, median and spread (quartiles, min, max) over at least 10 timed calls. Everything that can change the number
 (architecture, resolution, batch, dtype, device, attention kernel, torch.compile, channels-last, warm-up) is in
 the profile, recorded with the result.
@@ -39,12 +42,24 @@ class Arch:
     call: str  # what one timed call is
     downsample: int  # input side = resolution / downsample (8 for latent models)
     multiple: int  # resolutions it takes are multiples of this
+    text_tokens: int = 77  # length of the text context its pipeline passes
 
 
 ARCHS = {
     "sd15-unet": Arch("sd15-unet.json", "UNet2DConditionModel forward: one denoising step, text context 77x768", 8, 64),
     "sd15-vae-decoder": Arch("sd15-vae.json", "AutoencoderKL.decode of a latent", 8, 8),
     "embedded-ddpm": Arch("", "UNet2DModel forward of the embedded pixel DDPM's config (random weights)", 1, 4),
+    # StableDiffusionXLPipeline: both CLIP encoders' 77 tokens, concatenated in width
+    "sdxl-unet": Arch("sdxl-unet.json", "UNet2DConditionModel forward of SDXL base: one denoising step, text context "
+                      "77x2048, added_cond_kwargs (pooled text embedding, 6 micro-conditioning time ids)", 8, 32),
+    # StableDiffusion3Pipeline: 77 CLIP tokens then max_sequence_length = 256 T5 tokens
+    "sd3-medium-transformer": Arch("sd3-medium-transformer.json", "SD3Transformer2DModel forward of SD3 medium: one "
+                                   "step, text context 333x4096 (77 CLIP + 256 T5 tokens), pooled projections", 8, 16,
+                                   text_tokens=77 + 256),
+    # FluxPipeline: max_sequence_length = 512 T5 tokens (FLUX.1-dev's maximum)
+    "flux1-transformer": Arch("flux1-dev-transformer.json", "FluxTransformer2DModel forward of FLUX.1-dev: one step, "
+                              "2x2-packed latent tokens, text context 512x4096 (T5), pooled projections, guidance",
+                              8, 16, text_tokens=512),
 }
 
 
@@ -104,6 +119,7 @@ def build(profile: LatencyProfile):
         raise BenchError("--dtype float16 is not supported on the CPU; use float32 or bfloat16")
     check_attention(profile.attention, device, dtype)
     class_name, config = _config(profile.arch)
+    check_memory(profile, device, dtype)
     torch.manual_seed(profile.seed)
     module = getattr(diffusers, class_name).from_config(config).to(device=device).eval()
     if dtype != torch.float32:
@@ -113,28 +129,102 @@ def build(profile: LatencyProfile):
     timed = module.decoder if profile.arch == "sd15-vae-decoder" else module
     runtime = configure(timed, profile.attention, profile.compile, profile.channels_last)
     gen = torch.Generator("cpu").manual_seed(profile.seed)
-    side = profile.resolution // ARCHS[profile.arch].downsample
-    b = profile.batch_size
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    if profile.arch == "sd15-vae-decoder":
-        z = randn(b, config["latent_channels"], side, side)
-        forward = lambda: module.decode(z).sample  # noqa: E731
-    elif class_name == "UNet2DConditionModel":
-        x, context = randn(b, config["in_channels"], side, side), randn(b, 77, config["cross_attention_dim"])
-        t = torch.full((b,), 500, device=device)
-        forward = lambda: module(x, t, encoder_hidden_states=context).sample  # noqa: E731
-    else:
-        x, t = randn(b, config["in_channels"], side, side), torch.full((b,), 500, device=device)
-        forward = lambda: module(x, t).sample  # noqa: E731
+    forward = forward_call(profile, module, config, randn, device)
 
     def call():
         with attention_context(profile.attention):
             return forward()
 
     return module, call, device, runtime
+
+
+def forward_call(profile: LatencyProfile, module, config: dict[str, Any], randn: Callable, device) -> Callable[[], Any]:
+    """One denoiser call of ``module`` on fixed inputs of the shapes its pipeline passes at ``profile``'s resolution
+    and batch (``randn(*shape)`` makes an input; on the meta device the call checks the shapes without weights)."""
+    import torch  # lazy: bench.cli imports this module at startup
+
+    arch = ARCHS[profile.arch]
+    side, b = profile.resolution // arch.downsample, profile.batch_size
+    class_name = type(module).__name__
+    if profile.arch == "sd15-vae-decoder":
+        z = randn(b, config["latent_channels"], side, side)
+        return lambda: module.decode(z).sample
+    if class_name == "UNet2DConditionModel":
+        x, context = randn(b, config["in_channels"], side, side), randn(b, arch.text_tokens, config["cross_attention_dim"])
+        t = torch.full((b,), 500, device=device)
+        extra = {}
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding + 6 time ids
+            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            size = float(profile.resolution)  # original size = target size, crop (0, 0): the pipeline's default
+            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(b, 1).to(device=device)
+            extra["added_cond_kwargs"] = {"text_embeds": randn(b, pooled), "time_ids": time_ids}
+        return lambda: module(x, t, encoder_hidden_states=context, **extra).sample
+    if class_name == "SD3Transformer2DModel":
+        x = randn(b, config["in_channels"], side, side)
+        context, pooled = randn(b, arch.text_tokens, config["joint_attention_dim"]), randn(b, config["pooled_projection_dim"])
+        t = torch.full((b,), 500.0, device=device)  # StableDiffusion3Pipeline passes sigma * 1000
+        return lambda: module(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                              timestep=t).sample
+    if class_name == "FluxTransformer2DModel":
+        h = side // 2  # FluxPipeline packs 2x2 latent patches (16 channels each) into tokens of 64
+        x = randn(b, h * h, config["in_channels"])
+        context, pooled = randn(b, arch.text_tokens, config["joint_attention_dim"]), randn(b, config["pooled_projection_dim"])
+        img_ids = torch.zeros(h, h, 3)
+        img_ids[..., 1] += torch.arange(h)[:, None]
+        img_ids[..., 2] += torch.arange(h)[None, :]
+        img_ids = img_ids.reshape(h * h, 3).to(device=device)
+        txt_ids = torch.zeros(arch.text_tokens, 3, device=device)
+        t = torch.full((b,), 0.5, device=device)  # FluxPipeline passes sigma (timestep / 1000)
+        guidance = torch.full((b,), 3.5, device=device) if config.get("guidance_embeds") else None
+        return lambda: module(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t,
+                              img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample
+    x, t = randn(b, config["in_channels"], side, side), torch.full((b,), 500, device=device)
+    return lambda: module(x, t).sample
+
+
+def parameter_count(arch: str) -> int:
+    """Parameters of ``arch`` built on the meta device (no memory, no weights)."""
+    import diffusers  # lazy: bench.cli imports this module at startup
+    import torch
+
+    class_name, config = _config(arch)
+    with torch.device("meta"):
+        module = getattr(diffusers, class_name).from_config(config)
+    return sum(p.numel() for p in module.parameters())
+
+
+def available_bytes(device) -> int | None:
+    """Memory free for new tensors on ``device`` (CPU: MemAvailable of /proc/meminfo; CUDA: free memory), or None
+    where it cannot be read."""
+    import torch  # lazy: bench.cli imports this module at startup
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_memory(profile: LatencyProfile, device, dtype) -> None:
+    """Refuse, before allocating, an architecture whose random weights alone do not fit the device's free memory
+    (FLUX.1's 12B-parameter transformer on this project's 24 GB CPU machines); its size comes from the meta device."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    need = parameter_count(profile.arch) * dtype.itemsize
+    if need > free:
+        raise BenchError(f"--arch {profile.arch} needs {need / 2**30:.1f} GiB for its {profile.dtype} weights alone and "
+                         f"{device} has {free / 2**30:.1f} GiB free: profile it on a GPU with more memory (--device "
+                         f"cuda), or in bfloat16 / float16")
 
 
 def time_calls(call: Callable[[], Any], device, warmup: int, iters: int) -> tuple[list[float], float]:

@@ -13,7 +13,6 @@ samples, metrics and MLflow run as one uninterrupted process.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import numpy as np
 
 from bench.distributed import Shards
 from bench.errors import BenchError
-from bench.interfaces import Batch, DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet
+from bench.interfaces import Batch, DiffusionModel, EditItem, Method, Metric, Prompt, ReferenceSet, recorded_args
 from bench.outputs import undeclared
 from bench.spec import RunSpec, stable_hash
 
@@ -201,7 +200,7 @@ def plan_run(spec: RunSpec) -> Plan:
             raise BenchError(f"metric {name} needs an editing run; method {spec.method!r} is not an editor")
     device = resolve_device(spec.device)
     model_name = spec.model or reference.default_model
-    spec = spec.replace(model=model_name, device=str(device), method_args=dataclasses.asdict(args),
+    spec = spec.replace(model=model_name, device=str(device), method_args=recorded_args(args),
                         dataset=dataset_name, metrics=metric_names)
     metrics = {name: cls() for name, cls in metric_classes.items()}
     for metric in metrics.values():

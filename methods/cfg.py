@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from bench.claim import Claim, text_to_image
 from bench.interfaces import MethodCard
-from methods.text_to_image import GuidanceArgs, LatentTextToImage
+from methods.text_to_image import SDXL_KIND, LatentTextToImage, MicroConditioningArgs
 
 
 class CFG(LatentTextToImage):
@@ -25,7 +25,8 @@ class CFG(LatentTextToImage):
         "accuracy rises from s = 1 to s = 4. Decided by `bench claims --method cfg` (the verdict and the "
         "values: its latest MLflow claims run, `bench report`).",
     )
-    Args = GuidanceArgs
+    Args = MicroConditioningArgs  # guidance, and SDXL's micro-conditioning (recorded and hashed)
+    model_kinds = ("text-to-image", SDXL_KIND)
     claims = (
         Claim("fid-u-shaped-in-scale", "FID first improves then worsens as the guidance scale grows: a "
               "fidelity/diversity trade-off", "ImageNet 64x64 (Table 1; verify): FID is lowest at small w "
