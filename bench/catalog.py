@@ -29,6 +29,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "flow-euler": "methods.flow_euler:FlowEuler",
     "flow-heun": "methods.flow_heun:FlowHeun",
     "flow-dpmsolver++": "methods.flow_dpm_solver_pp:FlowDPMSolverPP",
+    "flow-unipc": "methods.flow_unipc:FlowUniPC",
     # -- text-to-image guidance
     "cfg": "methods.cfg:CFG",
     "cfg-rescale": "methods.cfg_rescale:CFGRescale",

@@ -86,7 +86,8 @@ def flux_reference(model, m, steps, guidance):
 
 
 # -- the correctness test: the pipelines' own images --------------------------------------------------------------------
-@pytest.mark.parametrize("name, steps, nfe", [("flow-euler", 3, 3), ("flow-heun", 3, 5), ("flow-dpmsolver++", 3, 3)])
+@pytest.mark.parametrize("name, steps, nfe", [("flow-euler", 3, 3), ("flow-heun", 3, 5), ("flow-dpmsolver++", 3, 3),
+                                            ("flow-unipc", 3, 3)])
 def test_flow_samplers_on_sd3_equal_the_sd3_pipeline(name, steps, nfe, sd3_dir):
     """With CFG (both branches in one batched call) each sampler gives StableDiffusion3Pipeline's images with the same
     scheduler; NFE as counted: steps (Euler, DPM-Solver++ 2M), 2 steps - 1 (Heun's corrector but on the last step)."""
@@ -126,6 +127,17 @@ def test_flow_euler_on_flux_dev_equals_the_flux_pipeline(flux_dev_dir):
     assert protocol["mu"] is not None and protocol["scheduler"]["use_dynamic_shifting"] is True
 
 
+@pytest.mark.parametrize("name, nfe", [("flow-heun", 3), ("flow-dpmsolver++", 2), ("flow-unipc", 2)])
+def test_the_other_samplers_run_on_flux_dev(name, nfe, flux_dev_dir):
+    """FluxPipeline cannot run these schedulers as configured here (it passes sigmas, which Heun does not take, and
+    always a mu, which the flow-sigma schedulers take only with dynamic shifting): the run, its NFE and the dynamic
+    shift as their static one are checked instead; Euler's agreement with FluxPipeline is the test above."""
+    model = small_flux(flux_dev_dir)
+    images, denoiser = generate(model, method(name, guidance=5.0), 2)
+    assert images.shape == (len(SEEDS), *model.sample_shape) and torch.isfinite(images).all()
+    assert denoiser.calls == nfe
+
+
 def test_transformers_take_the_timestep_by_keyword(sd3_dir, flux_dir):
     assert timestep_is_keyword(load_flow_matching(str(sd3_dir)).unet)
     assert timestep_is_keyword(load_flow_matching(str(flux_dir)).unet)
@@ -140,7 +152,7 @@ def test_flow_samplers_refuse_other_models_in_one_line(tmp_path):
     from bench.runner import plan_run
 
     sd = save_tiny_t2i(tmp_path / "sd")
-    for name in ("flow-euler", "flow-heun", "flow-dpmsolver++"):
+    for name in ("flow-euler", "flow-heun", "flow-dpmsolver++", "flow-unipc"):
         with pytest.raises(BenchError, match=rf"method '{re.escape(name)}' samples flow-matching models .* is text-to-image") as e:
             plan_run(RunSpec(method=name, model=str(sd), steps=2, num_samples=2, batch_size=2, metrics=("latency",),
                              output=str(tmp_path / "run")))
@@ -168,7 +180,7 @@ def test_schedules_a_scheduler_cannot_represent_are_refused(flux_dev_dir):
     model = small_flux(flux_dev_dir)
     linear = dataclasses.replace(model, scheduler_config={**model.scheduler_config, "time_shift_type": "linear"})
     method("flow-euler").check(linear, 2)
-    for name in ("flow-heun", "flow-dpmsolver++"):
+    for name in ("flow-heun", "flow-dpmsolver++", "flow-unipc"):
         with pytest.raises(BenchError, match="linear time shift"):
             method(name).check(linear, 2)
         method(name, shift=3.0).check(linear, 2)  # a static shift replaces it
@@ -186,7 +198,8 @@ def test_shift_option_is_recorded_and_hashed(sd3_dir, tmp_path):
         return plan_run(RunSpec(method=name, method_args=args, model=str(sd3_dir), steps=2, num_samples=2,
                                 batch_size=2, metrics=("latency",), output=str(tmp_path / f"{name}-{len(args)}")))
 
-    for name, key in (("flow-euler", "shift"), ("flow-heun", "shift"), ("flow-dpmsolver++", "flow_shift")):
+    for name, key in (("flow-euler", "shift"), ("flow-heun", "shift"), ("flow-dpmsolver++", "flow_shift"),
+                      ("flow-unipc", "flow_shift")):
         default, shifted = plan(name), plan(name, shift=3.0)
         assert default.protocol["method"]["scheduler"][key] == 1.0  # the tiny folder's config (the default shift)
         assert shifted.protocol["method"]["scheduler"][key] == 3.0 and shifted.spec.method_args["shift"] == 3.0
@@ -211,6 +224,7 @@ def test_dynamic_shift_becomes_the_static_shift_of_schedulers_without_mu(flux_de
     mu = method("flow-euler").mu(model)
     assert method("flow-heun").resolved_config(model)["shift"] == pytest.approx(math.exp(mu))
     assert method("flow-dpmsolver++").resolved_config(model)["flow_shift"] == pytest.approx(math.exp(mu))
+    assert method("flow-unipc").resolved_config(model)["flow_shift"] == pytest.approx(math.exp(mu))
     assert method("flow-heun", shift=2.0).mu(model) is None  # --shift replaces the dynamic shift
 
 
