@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.interfaces import DiffusionModel, MethodCard
-from methods.dpm_solver_pp import CITATION, PAPER, URL
+from methods.dpm_solver_pp import CITATION, URL
 from methods.flow_matching import FlowArgs, FlowMatchingSampler
 from methods.sampling import check_order
 
@@ -23,7 +23,7 @@ class FlowDPMSolverPPArgs(FlowArgs):
 class FlowDPMSolverPP(FlowMatchingSampler):
     name = "flow-dpmsolver++"
     summary = "DPM-Solver++ multistep (2M by default) on flow sigmas (use_flow_sigmas, flow_prediction, flow_shift)"
-    paper = PAPER
+    paper = "Lu et al. 2022b, DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic Models"
     card = MethodCard(
         citation=CITATION,
         url=URL,

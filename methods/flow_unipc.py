@@ -23,7 +23,7 @@ class FlowUniPCArgs(FlowArgs):
 class FlowUniPC(FlowMatchingSampler):
     name = "flow-unipc"
     summary = "UniPC (UniP-2 with UniC, bh2) on flow sigmas (use_flow_sigmas, flow_prediction, flow_shift)"
-    paper = UniPC.paper
+    paper = "Zhao et al. 2023, UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models"
     card = MethodCard(
         citation=UniPC.card.citation,
         url=UniPC.card.url,
