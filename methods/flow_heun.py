@@ -19,7 +19,7 @@ class FlowHeun(FlowMatchingSampler):
         "on the last step to sigma 0, so NFE = 2 steps - 1 (counted). Its sigmas are its own (the scheduler's "
         "linspace with the static shift; a dynamically shifted model's exp(mu) as that shift, the same sigma map); "
         "FluxPipeline cannot run it (it passes sigmas, which the scheduler does not take).",
-        reference="Karras et al., Table 2: Heun reaches Euler's FID at about half the NFE (CIFAR-10, VP/VE models).",
+        reference="",
         embedded_claim="",
     )
     scheduler_class = "FlowMatchHeunDiscreteScheduler"
