@@ -18,8 +18,8 @@ class FlowEuler(FlowMatchingSampler):
         url="https://arxiv.org/abs/2403.03206",
         reproduces="The Euler discretization of dx/dt = v(x, t) from sigma 1 to 0 on the shifted schedule (eq. 23, "
         "shift s from the model's scheduler config, or resolution-dependent, exp(mu), where it shifts dynamically), "
-        "with the pipelines' sigmas and guidance. With the same latents it gives StableDiffusion3Pipeline's and FluxPipeline's images to 1e-4 "
-        "(tests/test_flow_samplers.py); NFE = steps (x2 batch rows with SD3's CFG).",
+        "with the pipelines' sigmas and guidance. With the same latents it gives StableDiffusion3Pipeline's and "
+        "FluxPipeline's images to 1e-4 (tests/test_flow_samplers.py); NFE = steps (x2 batch rows with SD3's CFG).",
         reference="No FID table on a public checkpoint is reproduced here (the checkpoints cannot be downloaded on "
         "this project's machines).",
         embedded_claim="",
