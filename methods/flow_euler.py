@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.claim import Claim, flow
 from bench.interfaces import DiffusionModel, MethodCard
 from methods.flow_matching import FlowMatchingSampler, flux_sigmas
 
@@ -23,6 +24,12 @@ class FlowEuler(FlowMatchingSampler):
         reference="No FID table on a public checkpoint is reproduced here (the checkpoints cannot be downloaded on "
         "this project's machines).",
         embedded_claim="",
+    )
+    claims = (
+        Claim("fid-falls-with-steps", "on SD3-medium, FID at the pipeline's 28 Euler steps is below FID at 8 steps",
+              "Esser et al. 2024 sample SD3 with Euler steps; StableDiffusion3Pipeline's default is 28 (no FID-versus-"
+              "steps table for the released model: verify)", "fid",
+              (("euler 28", flow("flow-euler", 28)), ("euler 8", flow("flow-euler", 8))), "less"),
     )
 
     def shift_overrides(self, model: DiffusionModel) -> dict[str, Any]:

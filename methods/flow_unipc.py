@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.claim import Claim, flow
 from bench.interfaces import DiffusionModel, MethodCard
 from methods.flow_matching import FlowArgs, FlowMatchingSampler
 from methods.sampling import check_order
@@ -33,6 +34,14 @@ class FlowUniPC(FlowMatchingSampler):
         "(--shift, else the model's shift, else exp(mu) of a dynamically shifted model); NFE = steps.",
         reference="",
         embedded_claim="",
+    )
+    claims = (
+        Claim("10-steps-near-euler-28", "on SD3-medium, UniPC (flow sigmas) at 10 steps is at or below Euler at 28 "
+              "steps in FID, within 10%",
+              "Zhao et al. 2023, Sec. 5: UniPC improves few-step sampling at 5-10 NFE (on diffusion models; on flow "
+              "sigmas: verify)", "fid",
+              (("unipc 10", flow("flow-unipc", 10)), ("euler 28", flow("flow-euler", 28))), "at-most", margin=0.1,
+              relative=True),
     )
     Args = FlowUniPCArgs
     scheduler_class = "UniPCMultistepScheduler"
