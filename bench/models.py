@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -207,17 +208,28 @@ def _load_text_to_image(folder: Path, source: str, name: str | None, embedded: b
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
-    scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    scheduler_config["_class_name"] = type(pipe.scheduler).__name__
     files = [folder / f for f in SD_WEIGHT_FILES + SD_TOKENIZER_FILES if (folder / f).exists()]
+    return TextToImageModel(**_latent_t2i_fields(pipe, files, source, name, embedded), kind="text-to-image")
+
+
+def _scheduler_config(pipe) -> dict:
+    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
+    config["_class_name"] = type(pipe.scheduler).__name__
+    return config
+
+
+def _latent_t2i_fields(pipe, files: list[Path], source: str, name: str | None, embedded: bool) -> dict[str, Any]:
+    """What a latent UNet text-to-image model (SD-1.x, SDXL) is made of, read from its loaded pipeline; the digest
+    covers the weight and tokenizer files, the scheduler config and the VAE's scaling factor."""
+    scheduler_config = _scheduler_config(pipe)
     latent = pipe.unet.config.sample_size
     latent_hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
     factor = pipe.vae_scale_factor
-    return TextToImageModel(
+    return dict(
         name=name or source,
         source=str(source),
-        digest=file_digest(files, extra={"scheduler": scheduler_config, "vae_scaling_factor": pipe.vae.config.scaling_factor}),
-        kind="text-to-image",
+        digest=file_digest(files, extra={"scheduler": scheduler_config,
+                                         "vae_scaling_factor": pipe.vae.config.scaling_factor}),
         unet=pipe.unet,
         scheduler_config=scheduler_config,
         sample_shape=(3, latent_hw[0] * factor, latent_hw[1] * factor),
@@ -281,12 +293,6 @@ def _from_pretrained(pipeline_cls, folder: Path, source: str, name: str | None):
     return pipe
 
 
-def _scheduler_config(pipe) -> dict:
-    config = {k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}
-    config["_class_name"] = type(pipe.scheduler).__name__
-    return config
-
-
 def load_sdxl(source: str, name: str | None = None, embedded: bool = False) -> SDXLModel:
     """A ``StableDiffusionXLPipeline`` folder or hub id, loaded as SDXL is: ``from_pretrained``, float32 (loaded once
     per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
@@ -306,28 +312,8 @@ def _load_sdxl(folder: Path, source: str, name: str | None, embedded: bool) -> S
     if pipe.text_encoder is None or pipe.text_encoder_2 is None:
         raise BenchError(f"{folder}: a StableDiffusionXLPipeline needs text_encoder and text_encoder_2 (the refiner's "
                          f"layout, text_encoder_2 alone, is not a text-to-image base model)")
-    scheduler_config = _scheduler_config(pipe)
-    latent = pipe.unet.config.sample_size
-    latent_hw = (latent, latent) if isinstance(latent, int) else tuple(latent)
-    factor = pipe.vae_scale_factor
-    return SDXLModel(
-        name=name or source,
-        source=str(source),
-        digest=file_digest(files, extra={"scheduler": scheduler_config,
-                                         "vae_scaling_factor": pipe.vae.config.scaling_factor}),
-        kind="text-to-image-xl",
-        unet=pipe.unet,
-        scheduler_config=scheduler_config,
-        sample_shape=(3, latent_hw[0] * factor, latent_hw[1] * factor),
-        embedded=embedded,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        latent_shape=(pipe.unet.config.in_channels, *latent_hw),
-        pipeline=pipe,
-        text_encoder_2=pipe.text_encoder_2,
-        tokenizer_2=pipe.tokenizer_2,
-    )
+    return SDXLModel(**_latent_t2i_fields(pipe, files, source, name, embedded), kind="text-to-image-xl",
+                     text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
 
 
 def load_flow_matching(source: str, name: str | None = None, embedded: bool = False) -> FlowMatchingModel:

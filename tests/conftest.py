@@ -76,3 +76,32 @@ def tiny_model(tiny_model_dir):
     from bench.models import load_pixel_diffusion
 
     return load_pixel_diffusion(str(tiny_model_dir), name="tiny")
+
+
+# tiny SDXL, SD3 and FLUX folders in their pipelines' own layouts (tests/tiny_families.py), built once per session
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    from tests.tiny_families import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd3_dir(tmp_path_factory):
+    from tests.tiny_families import save_tiny_sd3
+
+    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def flux_dir(tmp_path_factory):
+    from tests.tiny_families import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def flux_dev_dir(tmp_path_factory):
+    from tests.tiny_families import save_tiny_flux
+
+    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux-dev"), dev=True)

@@ -17,7 +17,6 @@ from bench.errors import BenchError
 from bench.interfaces import Batch, FlowMatchingModel, SDXLModel
 from bench.models import load_flow_matching, load_model, load_sdxl
 from bench.spec import RunSpec
-from tests.tiny_families import save_tiny_flux, save_tiny_sd3, save_tiny_sdxl
 from tests.tiny_t2i import save_tiny_t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,19 +24,7 @@ PROMPTS = ["a red circle on a black background", "a large blue square on a white
 SEEDS = (3, 11)
 
 
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return save_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 def cfg(**args):

@@ -19,7 +19,6 @@ from bench.errors import BenchError
 from bench.interfaces import Batch
 from bench.models import load_flow_matching
 from bench.spec import RunSpec
-from tests.tiny_families import save_tiny_flux, save_tiny_sd3
 from tests.tiny_t2i import save_tiny_t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,19 +27,7 @@ SEEDS = (3, 11)
 FLUX_LATENT = 8  # FluxPipeline's default size is 128 latents a side; the tests sample 8 (the pipeline's height/width)
 
 
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    return save_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory):
-    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
-
-
-@pytest.fixture(scope="module")
-def flux_dev_dir(tmp_path_factory):
-    return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux-dev"), dev=True)
 
 
 def method(name, **args):
