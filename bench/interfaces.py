@@ -110,6 +110,9 @@ class FlowMatchingModel(DiffusionModel):
     tokenizers: tuple[Any, ...] = ()
     latent_shape: tuple[int, int, int] = (16, 8, 8)
     pipeline: Any = None
+    # the pipelines' max_sequence_length: the T5 tokens of the context (zeros where the folder has no T5 encoder);
+    # a model trained with another count says so (the embedded flow: 0, its context is the CLIP tokens alone)
+    max_sequence_length: int = 256
 
     def modules(self) -> list[Any]:
         return [self.unet, self.vae, *self.text_encoders]

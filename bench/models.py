@@ -266,7 +266,10 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "spiece.model",
 def _pipeline_files(folder: Path, class_name: str) -> list[Path]:
     """The safetensors of every component the pipeline needs, and its tokenizer files; BenchError for a missing one."""
     files, missing = [], []
+    left_out = left_out_components(folder)
     for part in PIPELINE_WEIGHTS[class_name]:
+        if part in left_out:  # a component the folder leaves out (SD3 without T5)
+            continue
         found = sorted((folder / part).glob("*.safetensors"))
         # a variant (fp16) beside the full-precision file: the digest covers what from_pretrained loads
         plain = [f for f in found if f.name.count(".") == 1]
@@ -280,10 +283,22 @@ def _pipeline_files(folder: Path, class_name: str) -> list[Path]:
     return files
 
 
+def left_out_components(folder: Path) -> dict[str, None]:
+    """The components a pipeline folder's model_index.json sets to null (SD3 without T5: ``text_encoder_3`` and
+    ``tokenizer_3``), as the None keyword arguments ``from_pretrained`` needs for them (diffusers' SD3 docs)."""
+    try:
+        index = json.loads((Path(folder) / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {k: None for k, v in index.items()
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+
+
 def _from_pretrained(pipeline_cls, folder: Path, source: str, name: str | None):
     try:
         with _quiet_loading(), quiet_loading():
-            pipe = pipeline_cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True)
+            pipe = pipeline_cls.from_pretrained(folder, dtype=torch.float32, use_safetensors=True,
+                                                **left_out_components(folder))
     except Exception as exc:
         raise BenchError(f"cannot load model {name or source} from {folder}: {_first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)
@@ -316,16 +331,23 @@ def _load_sdxl(folder: Path, source: str, name: str | None, embedded: bool) -> S
                      text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2)
 
 
-def load_flow_matching(source: str, name: str | None = None, embedded: bool = False) -> FlowMatchingModel:
+DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default (the SD3 branch of the flow loop)
+
+
+def load_flow_matching(source: str, name: str | None = None, embedded: bool = False,
+                       max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> FlowMatchingModel:
     """A ``StableDiffusion3Pipeline`` or ``FluxPipeline`` folder or hub id: a flow-matching model (velocity
     prediction, the folder's FlowMatchEulerDiscreteScheduler config), loaded with ``from_pretrained`` in float32
-    (once per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
+    (once per process while its files are unchanged; each call gets its own copy: bench.reuse).
+    ``max_sequence_length``: the T5 tokens the model was trained with (the pipelines' argument; part of the digest
+    where it is not the default)."""
     folder = resolve_folder(source)
-    key = ("flow-matching", str(source), name, embedded, reuse.files_signature([folder]))
-    return reuse.copied(key, lambda: _load_flow_matching(folder, source, name, embedded))
+    key = ("flow-matching", str(source), name, embedded, max_sequence_length, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_flow_matching(folder, source, name, embedded, max_sequence_length))
 
 
-def _load_flow_matching(folder: Path, source: str, name: str | None, embedded: bool) -> FlowMatchingModel:
+def _load_flow_matching(folder: Path, source: str, name: str | None, embedded: bool,
+                        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH) -> FlowMatchingModel:
     class_name = pipeline_class(folder)
     if class_name not in ("StableDiffusion3Pipeline", "FluxPipeline"):
         raise BenchError(f"{folder} is not a StableDiffusion3Pipeline or FluxPipeline folder (model_index.json names "
@@ -347,8 +369,11 @@ def _load_flow_matching(folder: Path, source: str, name: str | None, embedded: b
     return FlowMatchingModel(
         name=name or source,
         source=str(source),
-        digest=file_digest(files, extra={"scheduler": scheduler_config, "vae": dict(pipe.vae.config)}),
+        digest=file_digest(files, extra={"scheduler": scheduler_config, "vae": dict(pipe.vae.config),
+                                         **({} if max_sequence_length == DEFAULT_MAX_SEQUENCE_LENGTH
+                                            else {"max_sequence_length": max_sequence_length})}),
         kind="flow-matching",
+        max_sequence_length=max_sequence_length,
         unet=pipe.transformer,
         scheduler_config=scheduler_config,
         sample_shape=(3, side * factor, side * factor),
@@ -360,6 +385,32 @@ def _load_flow_matching(folder: Path, source: str, name: str | None, embedded: b
         latent_shape=(latent_channels, side, side),
         pipeline=pipe,
     )
+
+
+def embedded_sdxl() -> SDXLModel:
+    """tiny StableDiffusionXLPipeline of the shapes world with SDXL's micro-conditioning (32x32; committed safetensors)"""
+    return load_sdxl(str(EMBEDDED_WEIGHTS / "sdxl"), name="embedded-sdxl", embedded=True)
+
+
+def _embedded_flow(folder: str, name: str) -> FlowMatchingModel:
+    """An embedded SD3-layout flow: trained without T5 tokens, as its transformer/RECIPE.json records."""
+    path = EMBEDDED_WEIGHTS / folder
+    try:
+        trained = json.loads((path / "transformer" / "RECIPE.json").read_text())["max_sequence_length"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise BenchError(f"{path}/transformer/RECIPE.json does not say the model's max_sequence_length; retrain it "
+                         f"with `bench embedded train {folder}`") from None
+    return load_flow_matching(str(path), name=name, embedded=True, max_sequence_length=int(trained))
+
+
+def embedded_flow() -> FlowMatchingModel:
+    """tiny StableDiffusion3Pipeline (MMDiT) rectified flow of the shapes world, logit-normal t (32x32; committed)"""
+    return _embedded_flow("flow", "embedded-flow")
+
+
+def embedded_flow_reflow() -> FlowMatchingModel:
+    """embedded-flow after one reflow (Liu et al. 2023: the 2-rectified flow of its own ODE's pairs; committed)"""
+    return _embedded_flow("flow-reflow", "embedded-flow-reflow")
 
 
 def stable_diffusion_xl_base() -> SDXLModel:

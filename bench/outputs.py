@@ -63,6 +63,8 @@ RUN_OUTPUTS: tuple[Output, ...] = (
     Output("train_peak_memory_bytes", "training peak bytes", "lower", ".3g", None, None),
     Output("train_saved_bytes", "saved bytes", "lower", ".3g", None, None),
     Output("train_*", "training", "none", ".3g", None, None),
+    # flow-euler --straightness-probe (Liu et al. 2023): 0 for a straight path
+    Output("path_straightness", "path straightness (0 = straight)", "lower", ".4f", None, None),
     # a method trained once for every subject (InstantBooth's encoders, HyperDreamBooth's HyperNetwork): that one-time budget, beside the per-run one
     Output("pretrain_seconds", "pre-training s (once)", "lower", ".1f", None, None),
     Output("pretrain_*", "pre-training", "none", ".3g", None, None),

@@ -171,13 +171,20 @@ class FlowMatchingSampler(TextToImageMethod):
                     "txt_ids": text_ids}
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
                                                              device=device, num_images_per_prompt=1,
-                                                             do_classifier_free_guidance=guided)
+                                                             do_classifier_free_guidance=guided,
+                                                             max_sequence_length=model.max_sequence_length)
         if guided:
             embeds, pooled = torch.cat([neg, embeds]), torch.cat([neg_pooled, pooled])
         return {"encoder_hidden_states": embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
 
     @torch.no_grad()
     def generate(self, model: DiffusionModel, batch: Batch, denoiser) -> torch.Tensor:
+        return self.sample(model, batch, denoiser)
+
+    def sample(self, model: DiffusionModel, batch: Batch, denoiser, trace: dict | None = None) -> torch.Tensor:
+        """The loop; ``trace``: a dict that receives ``velocities`` (each step's guided velocity [n, ...], in step
+        order) and ``sigmas`` (the schedule the steps ran over, the final 0 included)."""
+        velocities = trace.setdefault("velocities", []) if trace is not None else None
         if len(batch.prompts) != len(batch):
             raise ValueError(f"{len(batch.prompts)} prompts for {len(batch)} seeds")
         pipe = model.pipeline
@@ -201,15 +208,22 @@ class FlowMatchingSampler(TextToImageMethod):
 
         def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
             if flux:  # FLUX's transformer takes the sigma, t / 1000
-                return denoiser(x, t.expand(n).to(x.dtype) / 1000, **context)
+                v = denoiser(x, t.expand(n).to(x.dtype) / 1000, **context)
+                if velocities is not None:
+                    velocities.append(v.float())
+                return v
             x_in = torch.cat([x, x]) if cfg else x
             v = denoiser(x_in, t.expand(x_in.shape[0]), **context)
-            if not cfg:
-                return v
-            v_uncond, v_cond = v.chunk(2)
-            return sampling.guide(v_uncond, v_cond, guidance)
+            if cfg:
+                v_uncond, v_cond = v.chunk(2)
+                v = sampling.guide(v_uncond, v_cond, guidance)
+            if velocities is not None:
+                velocities.append(v.float())
+            return v
 
         x = sampling.denoise(scheduler, x, predict).x
+        if trace is not None:
+            trace["sigmas"] = scheduler.sigmas.detach().float().cpu().clone()
         if flux:
             x = pipe._unpack_latents(x, model.sample_shape[1], model.sample_shape[2], pipe.vae_scale_factor)
         vae = model.vae

@@ -23,6 +23,11 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "instantbooth": ("bench.recipes.instantbooth", "Recipe", "instantbooth"),
     # -- personalization (issue 19): HyperDreamBooth's pre-optimized LiDB weights and its HyperNetwork --
     "hyperdreambooth": ("bench.recipes.hyperdreambooth", "Recipe", "hyperdreambooth"),
+    # -- today's families (issue 16): SDXL's micro-conditioning
+    "sdxl": ("bench.recipes.sdxl", "Recipe", "sdxl"),
+    # -- today's families (issue 16): an SD3-layout rectified flow (MMDiT), and its reflow (Liu et al. 2023)
+    "flow": ("bench.recipes.flow", "Recipe", "flow"),
+    "flow-reflow": ("bench.recipes.flow", "ReflowRecipe", "flow-reflow"),
 }
 
 
