@@ -121,7 +121,9 @@ def test_lora_on_sdxl_trains_and_saves_a_file_the_sdxl_pipeline_loads(sdxl_dir, 
     from methods.lora import LORA_FILE
 
     model = load_sdxl(str(sdxl_dir))
-    m = method("lora", train_steps=3, drift_samples=0, learning_rate=1e-2, guidance=3.0, train_batch_size=2)
+    # prior preservation on: the class images are the SDXL model's own samples (the text-to-image loop)
+    m = method("lora", train_steps=3, drift_samples=0, learning_rate=1e-2, guidance=3.0, train_batch_size=2,
+               prior_preservation=True, num_class_images=2)
     m.check(model, 2)
     values = m.prepare(model, RunSpec(method="lora", dataset="embedded-concepts", steps=2), tmp_path)
     assert values["train_steps"] == 2 * 3 and values["train_params"] == lora_parameters(model.unet, 4) > 0
