@@ -86,16 +86,19 @@ def prediction_target(scheduler: Any, latents: torch.Tensor, noise: torch.Tensor
 
 
 def diffusion_loss(unet: Any, scheduler: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                   generator: torch.Generator, reduction: str = "mean", mask: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator, reduction: str = "mean", mask: torch.Tensor | None = None,
+                   added_cond_kwargs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Noise-prediction MSE at uniformly drawn timesteps (Ho et al. 2020, L_simple); noise, then t, from ``generator``.
 
     ``mask`` (broadcastable to the latents, e.g. [B, 1, h, w] in [0, 1]): the masked reconstruction loss, each
-    sample's squared error averaged over its mask's region only (MagiCapture)."""
+    sample's squared error averaged over its mask's region only (MagiCapture). ``added_cond_kwargs``: the UNet's
+    extra conditioning where it takes one (SDXL: ``text_embeds`` and ``time_ids``)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    prediction = unet(noisy, t, encoder_hidden_states=encoder_hidden_states).sample
+    extra = {} if added_cond_kwargs is None else {"added_cond_kwargs": added_cond_kwargs}
+    prediction = unet(noisy, t, encoder_hidden_states=encoder_hidden_states, **extra).sample
     target = prediction_target(scheduler, latents, noise, t)
     if mask is not None:
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")

@@ -13,6 +13,11 @@ separately as PIE-Bench does (``--inversion``):
   current latent lands on the inverted trajectory's next latent; the editing pass then uses each step's embedding
   as its unconditional branch.
 
+On an SDXL model (kind "text-to-image-xl") an editor that takes it (SDEdit, with ``--inversion none``) conditions
+the editing pass on SDXL's UNet keyword arguments (``unet_conditioning``: the text-to-image loop's own
+``sdxl_conditioning``, both text encoders, the pooled embedding and the micro-conditioning's defaults, recorded in
+the protocol) instead of the text embeddings alone (``denoise_conditioned``).
+
 Images are encoded to the posterior mean of the VAE times its scaling factor (as the null-text and PIE-Bench code
 do); every network call goes through the counting denoiser, the optimization's included. Sample i depends on
 (seed i, item i) alone: the optimization's loss is a sum of per-sample losses and Adam is element-wise.
@@ -30,6 +35,7 @@ from bench import sampling
 from bench.errors import BenchError
 from bench.interfaces import Batch, DiffusionModel, EditItem, EditMethod
 from bench.validate import check_choice, check_option
+from methods.text_to_image import SDXL_KIND, micro_conditioning, sdxl_conditioning
 
 INVERSIONS = ("none", "ddim", "null-text")
 
@@ -118,6 +124,8 @@ class LatentEditor(EditMethod):
         return sampling.resolved_config(self.make_scheduler(model), "DDIMScheduler")
 
     def protocol(self, model: DiffusionModel) -> dict[str, Any]:
+        if model.kind == SDXL_KIND:  # SD-1.x protocols (and their hashes) stay what they were
+            return {"scheduler": self.resolved_config(model), "micro_conditioning": micro_conditioning(self.args, model)}
         return {"scheduler": self.resolved_config(model)}
 
     def check(self, model: DiffusionModel, steps: int) -> None:
@@ -155,6 +163,13 @@ class LatentEditor(EditMethod):
         param = next(model.unet.parameters())
         cond, uncond = model.pipeline.encode_prompt(list(prompts), param.device, 1, True, None)
         return cond.to(param.dtype), uncond.to(param.dtype)
+
+    def unet_conditioning(self, model: DiffusionModel, prompts: Sequence[str]) -> dict[str, Any]:
+        """SDXL: the UNet's keyword arguments for [uncond; cond] of ``prompts`` (cond alone at guidance 1), by the
+        text-to-image loop's ``sdxl_conditioning`` with the micro-conditioning's defaults (the output size, no crop)."""
+        param = next(model.unet.parameters())
+        return sdxl_conditioning(model, prompts, self.guidance_scale() != 1.0, param.device, param.dtype,
+                                 micro_conditioning(self.args, model))
 
     def guided_eps(self, denoiser, x: torch.Tensor, t, cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
         """eps_u + s (eps_c - eps_u), both branches in one batched call (one branch when s = 1)."""
@@ -252,6 +267,20 @@ class LatentEditor(EditMethod):
 
         return sampling.denoise(trajectory.scheduler, trajectory.latents[0], predict, timesteps=trajectory.timesteps,
                                 callback=None if blend is None else (lambda k, t, x: blend(k, x))).x
+
+
+    @torch.no_grad()
+    def denoise_conditioned(self, denoiser, trajectory: Trajectory, context: dict[str, Any]) -> torch.Tensor:
+        """Guided DDIM from ``latents[0]`` over the editing timesteps with the UNet's keyword arguments ``context``
+        for [uncond; cond] (``unet_conditioning``: SDXL), both branches in one batched call (one when s = 1)."""
+        scale = self.guidance_scale()
+
+        def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
+            if scale == 1.0:
+                return denoiser(x, t, **context)
+            return sampling.guide(*denoiser(torch.cat([x, x]), t, **context).chunk(2), scale)
+
+        return sampling.denoise(trajectory.scheduler, trajectory.latents[0], predict, timesteps=trajectory.timesteps).x
 
 
 class Reconstruction(LatentEditor):

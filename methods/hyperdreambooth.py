@@ -83,6 +83,7 @@ class HyperDreamBooth(LoRA):
         "above the untuned model. Decided by `bench claims --method hyperdreambooth`.",
     )
     Args: ClassVar[type] = HyperDreamBoothArgs
+    model_kinds = ("text-to-image",)  # not LoRA's SDXL: the HyperNetwork predicts weights for the embedded SD layout
     claims = (
         Claim("one-image-near-lora", "from one image and 40 fast fine-tuning steps the subject fidelity is comparable "
               "to a LoRA trained for 400 steps on all of the subject's images: CLIP-I at least LoRA's minus 20%",

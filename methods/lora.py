@@ -8,6 +8,11 @@ starts unchanged), only ``A`` and ``B`` trained, through peft's ``LoraConfig`` i
 preservation optional, off by default as in diffusers' train_dreambooth_lora.py). Saved with
 ``StableDiffusionPipeline.save_lora_weights`` (``pytorch_lora_weights.safetensors``) and loaded
 back for generation with ``load_lora_weights``, one named adapter per subject.
+
+On SDXL (kind "text-to-image-xl") the same UNet LoRA, trained as diffusers' train_dreambooth_lora_sdxl.py does: the
+loss's UNet gets SDXL's ``added_cond_kwargs`` (the pooled text embedding and the training images' micro-conditioning;
+``PersonalizationMethod.training_conditioning``), and the file is written by ``StableDiffusionXLPipeline
+.save_lora_weights``, so ``StableDiffusionXLPipeline.load_lora_weights`` reads it. No text-encoder LoRA (none on SD).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from bench.claim import Claim, personalize
 from bench.interfaces import DiffusionModel, MethodCard
 from bench.personalization import Subject
 from methods.peft_adapters import (LORA_FILE, TARGET_MODULES, DiffusersLoRAFile, PeftAdapterMethod, ScaledAdapterArgs,
-                                   adapter_name, adapter_parameters)
+                                   adapter_name, adapter_parameters, is_sdxl)
+from methods.text_to_image import SDXL_KIND
 
 __all__ = ["LORA_FILE", "TARGET_MODULES", "LoRA", "LoRAArgs", "add_lora", "load", "save_lora"]
 
@@ -47,7 +53,8 @@ class LoRA(PeftAdapterMethod):
         url="https://arxiv.org/abs/2106.09685",
         reproduces="Sec. 4.1: W0 + (alpha/r) B A on the attention projections (to_q, to_k, to_v, to_out.0) of the UNet, "
         "B zero-initialized, through peft's LoraConfig; trained on DreamBooth's data as diffusers' DreamBooth-LoRA does; "
-        "saved with save_lora_weights and loaded with load_lora_weights (tests/test_personalization.py).",
+        "saved with save_lora_weights and loaded with load_lora_weights (tests/test_personalization.py); on SDXL with "
+        "added_cond_kwargs in the loss and StableDiffusionXLPipeline's LoRA format (tests/test_sdxl_methods.py).",
         reference="GPT-3 175B (Sec. 1 and Table 4; verify): 10,000x fewer trainable parameters than full fine-tuning "
         "and a 3x smaller GPU memory footprint, at matching quality.",
         embedded_claim="Low-rank updates learn the subject (CLIP-I above the untuned model's) with far fewer trained "
@@ -55,6 +62,7 @@ class LoRA(PeftAdapterMethod):
         "--method lora` (the verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args: ClassVar[type] = LoRAArgs
+    model_kinds = ("text-to-image", SDXL_KIND)
     claims = (
         Claim("learns-the-subject", "a rank-4 update of the attention projections learns the subject: CLIP-I above "
               "the untuned model's", "Hu et al. 2022 (GPT-3; verify): matching quality to full fine-tuning", "clip_i",
@@ -79,7 +87,7 @@ class LoRA(PeftAdapterMethod):
 
     def finish(self, model: DiffusionModel, subject: Subject, folder: Path) -> None:
         name = adapter_name(subject)
-        DiffusersLoRAFile.write(folder, *self.lora_state(model, subject))
+        DiffusersLoRAFile.write(folder, *self.lora_state(model, subject), sdxl=is_sdxl(model))
         self.adapters.reload(model, name, folder)  # generation uses the saved file
         self.adapters.select(model, None)
         self.folders[subject.name] = folder
@@ -107,7 +115,8 @@ def save_lora(model: DiffusionModel, name: str, folder: Path) -> None:
 
 
 def load(pipeline: Any, folder: Path) -> None:
-    """Load a saved subject (the folder is named after it) into a ``StableDiffusionPipeline`` and activate it."""
+    """Load a saved subject (the folder is named after it) into a ``StableDiffusionPipeline`` (a
+    ``StableDiffusionXLPipeline`` for a subject trained on SDXL) and activate it."""
     name = f"subject_{Path(folder).name}"
     pipeline.load_lora_weights(str(folder), weight_name=LORA_FILE, adapter_name=name)
     pipeline.set_adapters([name])

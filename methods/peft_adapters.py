@@ -7,7 +7,8 @@ adapter's name (the loop is ``PersonalizationMethod.train_subject``), saves the 
 saved file back for generation, and switches it on only for its subject's prompts. Two formats:
 
 - ``DiffusersLoRAFile`` (LoRA): diffusers' LoRA file, ``pytorch_lora_weights.safetensors`` written by
-  ``StableDiffusionPipeline.save_lora_weights`` and loaded by ``load_lora_weights``, one named adapter per subject.
+  ``StableDiffusionPipeline.save_lora_weights`` (``StableDiffusionXLPipeline``'s on SDXL) and loaded by the model's
+  pipeline's ``load_lora_weights``, one named adapter per subject.
 - ``PeftFile`` (VeRA, LoHa, LoKr, which diffusers' LoRA loader does not read): peft's own adapter folder,
   ``adapter_config.json`` and ``adapter_model.safetensors`` with the keys ``PeftModel.save_pretrained`` writes
   (``get_peft_model_state_dict`` of the wrapped UNet), loaded back with ``set_peft_model_state_dict`` in the run and
@@ -38,6 +39,7 @@ from bench.personalization import Subject
 from bench.validate import check_option
 from methods.dreambooth import IdentifierArgs, check_identifier
 from methods.personalization import PersonalizationMethod
+from methods.text_to_image import SDXL_KIND
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -68,6 +70,10 @@ class ScaledAdapterArgs(AdapterArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_option("alpha", self.alpha, 0, lo_open=True)
+
+
+def is_sdxl(model: DiffusionModel) -> bool:
+    return getattr(model, "kind", None) == SDXL_KIND
 
 
 def adapter_name(subject: Subject) -> str:
@@ -107,14 +113,18 @@ class DiffusersLoRAFile:
         return state, model.unet.peft_config[name].to_dict()
 
     @staticmethod
-    def write(folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
-        from diffusers import StableDiffusionPipeline
+    def write(folder: Path, state: dict[str, torch.Tensor], config: dict[str, Any], sdxl: bool = False) -> None:
+        """Write with the model's own pipeline's LoRA saver: ``StableDiffusionXLPipeline``'s
+        (``StableDiffusionXLLoraLoaderMixin``) for SDXL, so that its ``load_lora_weights`` reads the file, else
+        ``StableDiffusionPipeline``'s."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
-                                                  unet_lora_adapter_metadata=config)
+        pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        pipeline.save_lora_weights(folder, unet_lora_layers=state, safe_serialization=True,
+                                   unet_lora_adapter_metadata=config)
 
     def save(self, model: DiffusionModel, name: str, folder: Path) -> None:
-        self.write(folder, *self.state(model, name))
+        self.write(folder, *self.state(model, name), sdxl=is_sdxl(model))
 
     def reload(self, model: DiffusionModel, name: str, folder: Path) -> None:
         model.unet.delete_adapters(name)

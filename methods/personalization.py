@@ -52,7 +52,7 @@ from bench.interfaces import Batch, DiffusionModel
 from bench.personalization import PersonalizationSet, Subject, load_personalization_set, subject_of
 from bench.spec import stable_hash
 from bench.validate import check_bool, check_option
-from methods.text_to_image import GuidanceArgs, LatentTextToImage
+from methods.text_to_image import SDXL_KIND, GuidanceArgs, LatentTextToImage, sdxl_conditioning
 from metrics.personalization import frechet_distance, heldout_rate
 
 DRIFT_OFFSET = 1_000_000
@@ -233,8 +233,9 @@ class PersonalizationMethod(LatentTextToImage):
                     cidx = torch.randint(0, len(data.class_mean), (args.train_batch_size,), generator=gen)
                     latents = torch.cat([latents, sample_latents(model, data.class_mean[cidx], data.class_std[cidx], gen)])
                     captions += [data.class_captions[i] for i in cidx]
-                hidden = encode_prompts(model, captions, grad=True)
-                per_sample = diffusion_loss(model.unet, scheduler, latents, hidden, gen, reduction="none")
+                cond = self.training_conditioning(model, captions, latents)
+                per_sample = diffusion_loss(model.unet, scheduler, latents, cond["encoder_hidden_states"], gen,
+                                            reduction="none", added_cond_kwargs=cond.get("added_cond_kwargs"))
                 loss = per_sample[: args.train_batch_size].mean()
                 if prior:
                     loss = loss + args.prior_weight * per_sample[args.train_batch_size :].mean()
@@ -249,6 +250,21 @@ class PersonalizationMethod(LatentTextToImage):
             for p in params:
                 p.requires_grad_(False)
         return count, losses
+
+    def training_conditioning(self, model: DiffusionModel, captions: Sequence[str],
+                              latents: torch.Tensor) -> dict[str, Any]:
+        """The UNet's text conditioning of a training batch: the text encoder's hidden states (SD-1.x, tokenized as
+        the embedded model was trained; the graph kept for methods that train the text side), or on SDXL the
+        text-to-image loop's ``sdxl_conditioning`` (no guidance branch) with the micro-conditioning of the training
+        images themselves: their size as original and target size, no crop (diffusers' train_dreambooth_lora_sdxl.py
+        ``compute_time_ids`` for uncropped images at the training resolution)."""
+        if model.kind != SDXL_KIND:
+            return {"encoder_hidden_states": encode_prompts(model, captions, grad=True)}
+        scale = model.pipeline.vae_scale_factor
+        size = [latents.shape[-2] * scale, latents.shape[-1] * scale]
+        micro = {"original_size": size, "crops_coords_top_left": [0, 0], "target_size": size}
+        param = next(model.unet.parameters())
+        return sdxl_conditioning(model, captions, False, param.device, param.dtype, micro)
 
     # -- sampling -------------------------------------------------------------------------------------------------------------
     def prompt_subject(self, text: str) -> Subject | None:

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.claim import Claim, edit
+from bench.errors import BenchError
 from bench.interfaces import Batch, MethodCard
 from methods.editing import INVERSIONS, EditArgs, LatentEditor, check_number, check_edits
+from methods.text_to_image import SDXL_KIND
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,9 @@ class SDEdit(LatentEditor):
         reproduces="Algorithm 1 in latent space with text guidance, as StableDiffusionImg2ImgPipeline runs it: "
         "x(t0) = sqrt(abar) z0 + sqrt(1 - abar) eps at the first of the last int(steps * strength) DDIM timesteps, "
         "then guided DDIM with the target prompt; equal to the pipeline's output with the same latents and noise "
-        "(tests/test_editing.py). --inversion ddim or null-text replaces the noising with that inversion to t0.",
+        "(tests/test_editing.py). --inversion ddim or null-text replaces the noising with that inversion to t0. On "
+        "SDXL (--inversion none) the same with SDXL's conditioning (both text encoders, the pooled embedding, the "
+        "micro-conditioning's defaults): equal to StableDiffusionXLImg2ImgPipeline's output (tests/test_sdxl_methods.py).",
         reference="The paper trades realism against faithfulness with t0 (Figure 3: t0 in [0.3, 0.6] for stroke "
         "edits; verify); no PIE-Bench row.",
         embedded_claim="Realism against faithfulness with t0: the higher the strength, the less of the source's "
@@ -43,6 +47,7 @@ class SDEdit(LatentEditor):
         "verdict and the values: its latest MLflow claims run, `bench report`).",
     )
     Args = SDEditArgs
+    model_kinds = ("text-to-image", SDXL_KIND)
     claims = (
         Claim("strength-trades-faithfulness", "the higher t0 (strength), the less faithful the edit is to the "
               "source: background PSNR decreases with the strength", "Meng et al. 2022, Figure 3 (t0 in [0.3, "
@@ -51,10 +56,21 @@ class SDEdit(LatentEditor):
               tolerance="margin"),
     )
 
+    def check(self, model, steps: int) -> None:
+        super().check(model, steps)
+        if model.kind == SDXL_KIND and self.args.inversion != "none":
+            raise BenchError(f"method {self.name!r}: --inversion {self.args.inversion} runs on SD-1.x models only; on "
+                             f"{model.name!r} ({SDXL_KIND}) use --inversion none (SDEdit's noising)")
+
     @torch.no_grad()
     def generate(self, model, batch: Batch, denoiser):
         items, seeds, steps = check_edits(batch), batch.seeds, batch.steps
         z0 = self.encode_images(model, items)
+        if model.kind == SDXL_KIND:  # the noising takes no prompt; the target's conditioning is SDXL's
+            trajectory = self.invert(model, denoiser, z0, None, None, steps, float(self.args.strength),
+                                     self.generators(seeds))
+            context = self.unet_conditioning(model, [it.target_prompt for it in items])
+            return self.decode(model, self.denoise_conditioned(denoiser, trajectory, context))
         cond_src, uncond = self.encode_text(model, [it.source_prompt for it in items])
         cond_tgt, _ = self.encode_text(model, [it.target_prompt for it in items])
         trajectory = self.invert(model, denoiser, z0, cond_src, uncond, steps, float(self.args.strength),
