@@ -50,10 +50,12 @@ class Cell:
     seed: int
     method_args: Mapping[str, Any] = field(default_factory=dict)
     name: str | None = None  # a suite entry's label; the baseline key when given
+    model: str | None = None  # the entry's model, else the suite's (distilled or reflowed models beside the base)
 
     def label(self) -> str:
         args = ",".join(f"{k}={v}" for k, v in sorted(self.method_args.items()))
-        return f"{self.method}({args})" if args else self.method
+        method = f"{self.method}@{self.model}" if self.model else self.method
+        return f"{method}({args})" if args else method
 
     def key(self) -> str:
         """The cell's identity across seeds (and across nightly runs): its name, else label and steps."""
@@ -69,7 +71,7 @@ class Suite:
     executor: dict[str, Any] = field(default_factory=dict)  # ExecutorConfig fields (bench.executors.suite_options)
 
 
-GRID_KEYS = {"name", "method", "steps", "method_args", "seeds"}
+GRID_KEYS = {"name", "method", "steps", "method_args", "seeds", "model"}
 SUITE_KEYS = {"name", "defaults", "seeds", "grid", "regression", "executor"}
 
 
@@ -96,7 +98,7 @@ def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> li
                              f"method_args and seeds")
         unknown = set(entry) - GRID_KEYS
         if unknown or "method" not in entry or "steps" not in entry:
-            raise BenchError(f"grid entry {dict(entry)} takes method, steps and optionally name, method_args and seeds")
+            raise BenchError(f"grid entry {dict(entry)} takes method, steps and optionally name, method_args, seeds and model")
         methods = entry["method"] if isinstance(entry["method"], list) else [entry["method"]]
         steps = entry["steps"] if isinstance(entry["steps"], list) else [entry["steps"]]
         name = entry.get("name")
@@ -109,9 +111,12 @@ def grid_cells(entries: Sequence[Mapping[str, Any]], seeds: Sequence[int]) -> li
             raise BenchError(f"grid entry {dict(entry)}: steps must be a positive integer or a list of them")
         if not isinstance(entry.get("method_args") or {}, Mapping):
             raise BenchError(f"grid entry {dict(entry)}: method_args must be a mapping of option names to values")
+        model = entry.get("model")
+        if model is not None and not (isinstance(model, str) and model.strip()):
+            raise BenchError(f"grid entry {dict(entry)}: model must be a model name, folder or hub id")
         for method, n, seed in itertools.product(methods, steps, entry_seeds):
             cells.append(Cell(str(method), int(n), int(seed), dict(entry.get("method_args") or {}),
-                              None if name is None else str(name)))
+                              None if name is None else str(name), model))
     keys: dict[tuple[str, int], Cell] = {}
     for cell in cells:
         other = keys.setdefault((cell.key(), cell.seed), cell)
@@ -163,6 +168,7 @@ def cell_spec(base: RunSpec, cell: Cell, sweep_name: str) -> RunSpec:
         steps=cell.steps,
         seed=cell.seed,
         method_args={**base.method_args, **cell.method_args},
+        model=cell.model or base.model,
         run_name=f"{sweep_name}:{cell.name + ':' if cell.name else ''}{cell.label()}-{cell.steps}steps-seed{cell.seed}",
         output=None,
     )
@@ -252,9 +258,46 @@ def plot_fid_vs_nfe(summary, path: Path, title: str, metric: str = "fid") -> Non
     plt.close(fig)
 
 
+def plot_samples(rows: Sequence[Mapping[str, Any]], path: Path, title: str, per_cell: int = 8) -> bool:
+    """One row of images per cell: the first ``per_cell`` samples of its first seed's run (the same sample seeds and
+    prompts in every row), labelled with the cell; False where no run left samples to show."""
+    import matplotlib
+    import numpy as np
+
+    from bench.shards import ShardStore
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown: dict[str, np.ndarray] = {}
+    for r in rows:
+        if r["cell"] in shown or not r.get("output"):
+            continue
+        try:
+            first = np.load(ShardStore(Path(r["output"]), "").path(0), mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            continue
+        if first.dtype == np.uint8 and first.ndim == 4:
+            shown[r["cell"]] = np.asarray(first[:per_cell])
+    if not shown:
+        return False
+    fig, axes = plt.subplots(len(shown), 1, figsize=(per_cell * 0.9 + 2.5, 0.95 * len(shown) + 0.6), dpi=120,
+                             squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], shown.items()):
+        ax.imshow(np.concatenate(list(images), axis=1), interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def sweep_id(base: RunSpec, cells: Sequence[Cell]) -> str:
     def identity(c: Cell) -> dict[str, Any]:  # unnamed cells keep the ids they had before cells had names
-        return {k: v for k, v in c.__dict__.items() if not (k == "name" and v is None)}
+        return {k: v for k, v in c.__dict__.items() if not (k in ("name", "model") and v is None)}
 
     return stable_hash({"base": base.hashed_fields(), "cells": [canonical_json(identity(c)) for c in cells]}, 10)
 
@@ -315,7 +358,7 @@ def run_cells(name: str, sid: str, plans: Sequence[tuple[Cell, Any]], tracker, o
 
 
 def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], rows: list[dict[str, Any]], out: Path):
-    """table.csv, table.md, sweep.json and fid_vs_nfe.png in OUT; returns (summary, markdown table)."""
+    """table.csv, table.md, sweep.json, fid_vs_nfe.png and samples.png in OUT; returns (summary, markdown table)."""
     import json
 
     summary = summarize(rows, [m for m in SUMMARY_METRICS if m in rows[0]])
@@ -330,4 +373,5 @@ def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], row
         resolved = sorted({(r["dataset"], int(r["num_samples"])) for r in rows})  # after the method's defaults
         sets = ", ".join(f"{d}, {n} samples" for d, n in resolved)
         plot_fid_vs_nfe(summary, out / "fid_vs_nfe.png", f"{name}: FID vs NFE ({sets}, {seeds} seed(s))")
+    plot_samples(rows, out / "samples.png", f"{name}: the first samples of each cell (same seeds and prompts)")
     return summary, table

@@ -153,6 +153,7 @@ def test_sweep_writes_table_plot_and_one_run_per_cell(workdir, tiny_model_dir, c
     table = (workdir / "sw" / "table.md").read_text()
     assert table.count("\n") == 2 + 4 and "+-" in table  # 4 configurations, intervals over 2 seeds
     assert (workdir / "sw" / "fid_vs_nfe.png").stat().st_size > 1000
+    assert (workdir / "sw" / "samples.png").stat().st_size > 1000  # a strip of samples per cell
     runs = all_runs(workdir)
     assert len(runs) == 8 and all(r.info.status == "FINISHED" and r.data.tags["sweep"] == "sweep" for r in runs)
 
@@ -165,6 +166,24 @@ def test_sweep_suite_file(workdir, tiny_model_dir, capsys):
     assert main(["sweep", "--suite", "suite.yaml", "--no-progress", "--out", "s"]) == 0
     table = re.sub(r" +", " ", (workdir / "s" / "table.md").read_text())
     assert "ddim(eta=1.0)" in table and "| ddpm | 3 | 3 |" in table
+
+
+def test_sweep_suite_entry_with_its_own_model(workdir, tiny_model_dir, tmp_path, capsys):
+    """A grid entry's model replaces the suite's for its cells (a reflowed or distilled model beside its base); the
+    row and the run say which model made it."""
+    from tests.conftest import save_tiny_ddpm
+
+    other = save_tiny_ddpm(tmp_path / "other", seed=1)
+    (workdir / "suite.yaml").write_text(
+        f"name: two-models\ndefaults: {{model: '{tiny_model_dir}', num_samples: 128, batch_size: 128, metrics: [fid]}}\n"
+        f"seeds: 1\ngrid:\n  - {{method: ddim, steps: [2]}}\n  - {{method: ddim, steps: [2], model: '{other}'}}\n")
+    assert main(["sweep", "--suite", "suite.yaml", "--no-progress", "--out", "s"]) == 0
+    rows = (workdir / "s" / "table.csv").read_text()
+    assert f"ddim@{other}" in rows and str(other) in rows and str(tiny_model_dir) in rows
+    assert len({r.data.params.get("spec") for r in all_runs(workdir)}) == 2
+    (workdir / "bad.yaml").write_text("name: bad\nseeds: 1\ngrid:\n  - {method: ddim, steps: [2], model: ''}\n")
+    assert main(["sweep", "--suite", "bad.yaml", "--no-progress", "--out", "b"]) == 2
+    assert "model must be a model name" in capsys.readouterr().err
 
 
 def test_evaluate_recomputes_metrics_from_saved_samples(workdir, tiny_model_dir, capsys):
