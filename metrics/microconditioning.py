@@ -10,8 +10,10 @@ object's shape, color, size and position):
   contrasting object); an image is cut off when at least ``BORDER_PIXELS`` foreground pixels lie on its outermost
   rows and columns. The renderer keeps every object 0.02 of the side inside the frame, so a border pixel of a
   render is at most 36% covered at 32 px (less for circles and triangle apexes; squares stay farther in): below
-  the half-coverage cut except where a second, much more contrasting object color lowers it; two pixels, not one,
-  keep a lone anti-aliased pixel (a circle's tangent point, a triangle's apex) from counting.
+  the half-coverage cut except where a second, much more contrasting object color lowers it (renders of
+  shapes32's prompts have no foreground border pixel at all: tests/test_microconditioning.py). Two pixels, not
+  one, so that a lone stray pixel of a generated image (noise, a decoder artifact) does not count; an object
+  across the border puts a run of pixels there.
 - ``sharpness`` (Fig. 4, size conditioning): per image, the mean absolute 4-neighbour Laplacian of every channel
   in [0, 1] over the interior pixels (no padding: the border adds no edge); averaged over images. A Laplacian, not
   the mean gradient magnitude: blurring a step edge spreads it without changing its total variation, so the mean
