@@ -89,6 +89,9 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     "reconstruction": "metrics.editing:ReconstructionError",
     "feedback-reward": "metrics.feedback_reward:FeedbackRewardMetric",
     "restoration": "metrics.restoration:Restoration",
+    # -- SDXL micro-conditioning (issue 16): crop -> cut-off objects, original size -> sharpness
+    "cutoff": "metrics.microconditioning:Cutoff",
+    "sharpness": "metrics.microconditioning:Sharpness",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={
