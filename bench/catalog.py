@@ -123,6 +123,7 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-sdxl": "bench.models:embedded_sdxl",
     "embedded-flow": "bench.models:embedded_flow",
     "embedded-flow-reflow": "bench.models:embedded_flow_reflow",
+    "embedded-flow-uniform": "bench.models:embedded_flow_uniform",
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "bench.models:stable_diffusion_v1_5",
     "stabilityai/stable-diffusion-xl-base-1.0": "bench.models:stable_diffusion_xl_base",
     "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",

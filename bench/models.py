@@ -46,7 +46,12 @@ def resolve_folder(source: str) -> Path:
             raise BenchError(f"model path {source} is not a folder (expected a save_pretrained folder)")
         return path
     if source.count("/") != 1 or source.startswith((".", "/", "~")):
-        raise BenchError(f"model folder {source} does not exist")
+        try:
+            recipe = path.resolve().relative_to(EMBEDDED_WEIGHTS.resolve()).as_posix()
+        except ValueError:
+            raise BenchError(f"model folder {source} does not exist") from None
+        raise BenchError(f"embedded model folder {source} does not exist: train it with "
+                         f"`bench embedded train {recipe}` (its recipe and budget: bench/recipes, bench/embedded)")
 
     try:
         return Path(
@@ -394,7 +399,7 @@ def embedded_sdxl() -> SDXLModel:
 
 def _embedded_flow(folder: str, name: str) -> FlowMatchingModel:
     """An embedded SD3-layout flow: trained without T5 tokens, as its transformer/RECIPE.json records."""
-    path = EMBEDDED_WEIGHTS / folder
+    path = resolve_folder(str(EMBEDDED_WEIGHTS / folder))
     try:
         trained = json.loads((path / "transformer" / "RECIPE.json").read_text())["max_sequence_length"]
     except (OSError, json.JSONDecodeError, KeyError):
@@ -411,6 +416,11 @@ def embedded_flow() -> FlowMatchingModel:
 def embedded_flow_reflow() -> FlowMatchingModel:
     """embedded-flow after one reflow (Liu et al. 2023: the 2-rectified flow of its own ODE's pairs; committed)"""
     return _embedded_flow("flow-reflow", "embedded-flow-reflow")
+
+
+def embedded_flow_uniform() -> FlowMatchingModel:
+    """embedded-flow's recipe with uniform t (Esser et al. 2024's baseline); not committed: bench embedded train flow-uniform"""
+    return _embedded_flow("flow-uniform", "embedded-flow-uniform")
 
 
 def stable_diffusion_xl_base() -> SDXLModel:

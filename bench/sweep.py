@@ -35,10 +35,11 @@ from bench.spec import FIELD_NAMES, RunSpec, canonical_json, stable_hash
 
 # The summary's columns (a column shows when the first run has it); their labels and formats are the metrics'
 # declarations (bench.outputs). feedback_accuracy, reward, human_approval, train_seconds: the alignment table
-# (issue 9); clip_i, clip_t, dino / subject_sim_shapes_cnn32, prior_drift, train_*: the personalization table (issue 8)
+# (issue 9); clip_i, clip_t, dino / subject_sim_shapes_cnn32, prior_drift, train_*: the personalization table (issue 8);
+# cutoff_rate, sharpness: SDXL's micro-conditioning, path_straightness: reflow (issue 16)
 SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "clip_i", "clip_t", "dino", "subject_sim_shapes_cnn32",
                    "attr_acc_all", "feedback_accuracy", "reward", "human_approval", "prior_drift", "train_steps",
-                   "train_reward_queries",
+                   "train_reward_queries", "cutoff_rate", "sharpness", "path_straightness",
                    "train_params", "train_saved_bytes", "train_seconds", "train_peak_memory_bytes",
                    "latency_per_image_ms", "nfe")
 

@@ -28,6 +28,7 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- today's families (issue 16): an SD3-layout rectified flow (MMDiT), and its reflow (Liu et al. 2023)
     "flow": ("bench.recipes.flow", "Recipe", "flow"),
     "flow-reflow": ("bench.recipes.flow", "ReflowRecipe", "flow-reflow"),
+    "flow-uniform": ("bench.recipes.flow", "UniformRecipe", "flow-uniform"),  # Esser et al.'s uniform-t baseline
 }
 
 
