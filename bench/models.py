@@ -419,7 +419,7 @@ def embedded_flow_reflow() -> FlowMatchingModel:
 
 
 def embedded_flow_uniform() -> FlowMatchingModel:
-    """embedded-flow's recipe with uniform t (Esser et al. 2024's baseline); not committed: bench embedded train flow-uniform"""
+    """embedded-flow's recipe with uniform t instead of logit-normal (Esser et al. 2024's baseline; committed)"""
     return _embedded_flow("flow-uniform", "embedded-flow-uniform")
 
 

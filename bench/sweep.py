@@ -249,6 +249,9 @@ def plot_fid_vs_nfe(summary, path: Path, title: str, metric: str = "fid") -> Non
         ax.errorbar(group["nfe"], group[metric], yerr=None if err is None or err.isna().all() else err,
                     marker="o", capsize=3, label=label)
     ax.set_xscale("log")
+    values = summary[metric].dropna()
+    if len(values) and values.min() > 0 and values.max() / values.min() > 20:  # a wide range: log, or it flattens
+        ax.set_yscale("log")
     ax.set_xlabel("NFE (denoiser calls per sample, counted)")
     ax.set_ylabel(outputs.label(metric))
     ax.set_title(title)
@@ -282,15 +285,15 @@ def plot_samples(rows: Sequence[Mapping[str, Any]], path: Path, title: str, per_
             shown[r["cell"]] = np.asarray(first[:per_cell])
     if not shown:
         return False
-    fig, axes = plt.subplots(len(shown), 1, figsize=(per_cell * 0.9 + 2.5, 0.95 * len(shown) + 0.6), dpi=120,
+    fig, axes = plt.subplots(len(shown), 1, figsize=(per_cell * 0.9 + 0.4, 1.15 * len(shown) + 0.6), dpi=120,
                              squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], shown.items()):
         ax.imshow(np.concatenate(list(images), axis=1), interpolation="nearest")
         ax.set_yticks([])
         ax.set_xticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_title(label, loc="left", fontsize=7, pad=2)  # above the row: a long label never clips
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the first row
     fig.savefig(path)
     plt.close(fig)
     return True

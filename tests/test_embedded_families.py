@@ -180,3 +180,32 @@ def test_cfg_on_embedded_sdxl_runs_end_to_end_with_micro_conditioning(tmp_path):
     assert "clip_score" in values and "attr_acc_mean" in values
     protocol = json.loads((out / "config.json").read_text())["protocol"]["method"]
     assert protocol["micro_conditioning"]["crops_coords_top_left"] == [16, 0]
+
+
+def test_uniform_sigmas_are_liu_et_al_euler_steps_and_leave_default_runs_alone(tmp_path):
+    """SD3's pipeline schedule at 2 steps is sigma 1, 0.001, 0 (one step in effect); --uniform-sigmas gives 1, 0.5, 0.
+    The option at its default is not recorded, so runs made before it keep their protocol hashes."""
+    from bench.catalog import METHODS
+    from bench.interfaces import Batch
+    from bench.runner import plan_run
+    from bench.spec import RunSpec
+
+    model = load_model("embedded-flow")
+    cls = METHODS.get("flow-euler")
+    plain = lambda x, timestep, **kw: model.unet(hidden_states=x, timestep=timestep, **kw).sample  # noqa: E731
+    sigmas = {}
+    for uniform in (False, True):
+        trace: dict = {}
+        cls(cls.parse_args({"guidance": 1, "uniform_sigmas": uniform})).sample(
+            model, Batch((0,), 2, prompts=(PROMPTS[0],)), plain, trace)
+        sigmas[uniform] = trace["sigmas"]
+    assert torch.allclose(sigmas[False], torch.tensor([1.0, 0.001, 0.0]), atol=1e-6)
+    assert torch.allclose(sigmas[True], torch.tensor([1.0, 0.5, 0.0]), atol=1e-6)
+
+    def plan(**args):
+        return plan_run(RunSpec(method="flow-euler", method_args=args, model="embedded-flow", steps=2, num_samples=4,
+                                batch_size=4, metrics=("latency",), output=str(tmp_path / f"r{len(args)}")))
+
+    default, uniform = plan(), plan(uniform_sigmas=True)
+    assert "uniform_sigmas" not in default.spec.method_args and "straightness_probe" not in default.spec.method_args
+    assert uniform.protocol_hash != default.protocol_hash and "uniform" in uniform.protocol["method"]["schedule"]
