@@ -14,8 +14,8 @@ SD3 in miniature (Esser et al. 2024), in SD3-medium's layout and file formats (`
   ``StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)``. The pipeline then
   appends ``max_sequence_length`` zero tokens for T5; this model was trained with none, so call it with
   ``max_sequence_length=0`` (the harness does: the loader reads it from transformer/RECIPE.json). 256 zero tokens
-  would make the context 333 tokens instead of 77 and training four times slower on 2 CPU cores (measured: 1.0 s
-  against 0.25 s a step at batch 64, /tmp/flow_check.py in the issue 16 session).
+  would make the context 333 tokens instead of 77, and every joint block's context stream and attention that much
+  longer: several times the training cost on 2 CPU cores.
 - ``AutoencoderKL``: the embedded text-to-image model's VAE, with SD3's latent normalization: ``shift_factor`` the
   mean of the training latents and ``scaling_factor`` one over their standard deviation after the shift
   (SD3's 0.0609 and 1.5305 were computed the same way).

@@ -18,7 +18,6 @@ The model and its folder are bench.embedded.flow.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,16 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from bench.embedded.flow import MAX_SEQUENCE_LENGTH, build_text_encoders, build_transformer, encode, save_pipeline
 from bench.embedded.pool import scene_pool
 from bench.embedded.t2i import T2I_SEED, WORLD
-from bench.embedded.tokenizer import load as load_tokenizer
-from bench.embedded.tokenizer import tokenize, write_tokenizer_files
+from bench.embedded.tokenizer import tokenize
 from bench.models import EMBEDDED_WEIGHTS
-from bench.recipes.t2i import _images, _lr_lambda, _machine
+from bench.recipes.joint import (build_tokenizer, fit, joint_optimizer, lr_lambda, parameters, posterior,
+                                 zero_unused_rows)
+from bench.recipes.t2i import _machine
 
 
 @dataclass(frozen=True)
@@ -102,22 +101,6 @@ def flow_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tenso
     return F.mse_loss(v, noise - x0)
 
 
-def _tokenizer(out_dir: Path):
-    tok_dir = out_dir / ".tokenizer-build"
-    tokenizer = load_tokenizer(write_tokenizer_files(tok_dir))
-    shutil.rmtree(tok_dir)
-    return tokenizer
-
-
-def _zero_unused_rows(encoders, used: torch.Tensor) -> None:
-    with torch.no_grad():  # rows of tokens no caption uses got no gradient: stored as zeros (as the t2i model's)
-        for m in encoders:
-            emb = m.get_input_embeddings().weight
-            unused = torch.ones(emb.shape[0], dtype=torch.bool)
-            unused[used] = False
-            emb[unused] = 0.0
-
-
 def train_flow(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
@@ -126,55 +109,31 @@ def train_flow(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) 
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
     t0 = time.time()
     pool, scenes = scene_pool(recipe.data_seed, recipe.pool_size, WORLD)
-    with torch.no_grad():
-        dists = [vae.encode(_images(pool, np.arange(a, min(a + 500, recipe.pool_size)))).latent_dist
-                 for a in range(0, recipe.pool_size, 500)]
-    mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    mean, std = posterior(vae, pool)
     gen = torch.Generator().manual_seed(recipe.seed)
     probe = mean + std * torch.randn(mean.shape, generator=gen)  # SD3's normalization, from the latents themselves
     shift = float(probe.mean())
     scaling = float(1.0 / (probe - shift).std())
-    tokenizer = _tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir)
     ids = tokenize(tokenizer, [s.caption for s in scenes])
     empty = tokenize(tokenizer, [""])[0]
     prep_s = time.time() - t0
 
     text_encoder, text_encoder_2 = build_text_encoders()
     transformer = build_transformer()
-    encoders = [text_encoder, text_encoder_2]
-    body = [p for m in encoders for n, p in m.named_parameters() if "token_embedding" not in n]
-    embeddings = [p for m in encoders for p in m.get_input_embeddings().parameters()]
-    opt = torch.optim.AdamW([{"params": transformer.parameters(), "lr": recipe.lr, "weight_decay": 1e-2},
-                             {"params": body, "lr": recipe.text_lr, "weight_decay": 1e-2},
-                             {"params": embeddings, "lr": recipe.text_lr, "weight_decay": 0.0}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.steps))
-    trained = [transformer, text_encoder, text_encoder_2]
-    emas = [EMAModel(m.parameters(), decay=recipe.ema_decay, use_ema_warmup=True) for m in trained]
-    losses = []
-    bar = tqdm(range(recipe.steps), desc=f"train {recipe.name}", disable=not progress)
-    t1 = time.time()
-    for step in bar:
+    opt, sched = joint_optimizer(transformer, [text_encoder, text_encoder_2], recipe)
+
+    def step_loss() -> torch.Tensor:
         idx = torch.randint(0, recipe.pool_size, (recipe.batch_size,), generator=gen)
         x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen) - shift) * scaling
         input_ids = ids[idx].clone()
         input_ids[torch.rand(recipe.batch_size, generator=gen) < recipe.caption_dropout] = empty
         hidden, pooled = encode(text_encoder, text_encoder_2, input_ids)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = flow_loss(transformer, x0, noise, sample_t(recipe, recipe.batch_size, gen), hidden, pooled)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
-        opt.step()
-        sched.step()
-        for ema, m in zip(emas, trained):
-            ema.step(m.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    train_s = time.time() - t1
-    for ema, m in zip(emas, trained):
-        ema.copy_to(m.parameters())
-    _zero_unused_rows(encoders, torch.unique(torch.cat([ids.flatten(), empty])))
+        return flow_loss(transformer, x0, noise, sample_t(recipe, recipe.batch_size, gen), hidden, pooled)
+
+    losses, train_s = fit(step_loss, [transformer, text_encoder, text_encoder_2], opt, sched, recipe, progress)
+    zero_unused_rows([text_encoder, text_encoder_2], torch.unique(torch.cat([ids.flatten(), empty])))
     vae_out = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
     vae_out.register_to_config(shift_factor=round(shift, 5), scaling_factor=round(scaling, 5))
     save_pipeline(out_dir, vae_out, text_encoder.eval(), text_encoder_2.eval(), transformer.eval())
@@ -187,9 +146,7 @@ def train_flow(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) 
         "max_sequence_length": MAX_SEQUENCE_LENGTH,  # the pipeline's argument this model needs (no T5 tokens)
         "vae_shift_factor": round(shift, 5),
         "vae_scaling_factor": round(scaling, 5),
-        "parameters": {"transformer": sum(p.numel() for p in transformer.parameters()),
-                       "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-                       "text_encoder_2": sum(p.numel() for p in text_encoder_2.parameters())},
+        "parameters": parameters(transformer=transformer, text_encoder=text_encoder, text_encoder_2=text_encoder_2),
         "wall_time_s": round(time.time() - t0, 1),
         "train_loop_s": round(train_s, 1),
         "prepare_s": round(prep_s, 1),
@@ -229,7 +186,7 @@ def train_reflow(out_dir: Path, recipe: ReflowRecipe = ReflowRecipe(), progress:
         m.eval().requires_grad_(False)
     t0 = time.time()
     _, scenes = scene_pool(recipe.data_seed, recipe.pairs, WORLD)
-    tokenizer = _tokenizer(out_dir)
+    tokenizer = build_tokenizer(out_dir)
     ids = tokenize(tokenizer, [s.caption for s in scenes])
     gen = torch.Generator().manual_seed(recipe.seed)
     ids[torch.rand(recipe.pairs, generator=gen) < recipe.caption_dropout] = tokenize(tokenizer, [""])[0]
@@ -239,33 +196,22 @@ def train_reflow(out_dir: Path, recipe: ReflowRecipe = ReflowRecipe(), progress:
     pairs_s = time.time() - t0
     with torch.no_grad():
         contexts = [encode(pipe.text_encoder, pipe.text_encoder_2, ids[a:a + 500]) for a in range(0, recipe.pairs, 500)]
-    hidden_all = torch.cat([c[0][:, :77] for c in contexts])  # the CLIP part; the zero T5 part is re-added per batch
+    clip_tokens = tokenizer.model_max_length  # the CLIP part; the zero T5 part is re-added per batch
+    hidden_all = torch.cat([c[0][:, :clip_tokens] for c in contexts])
     pooled_all = torch.cat([c[1] for c in contexts])
 
     transformer = pipe.transformer.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=recipe.lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.steps))
-    ema = EMAModel(transformer.parameters(), decay=recipe.ema_decay, use_ema_warmup=True)
-    losses = []
-    bar = tqdm(range(recipe.steps), desc=f"train {recipe.name}", disable=not progress)
-    t1 = time.time()
-    for step in bar:
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.warmup_steps, recipe.steps))
+
+    def step_loss() -> torch.Tensor:
         idx = torch.randint(0, recipe.pairs, (recipe.batch_size,), generator=gen)
         clip = hidden_all[idx]
         hidden = torch.cat([clip, clip.new_zeros(len(idx), MAX_SEQUENCE_LENGTH, clip.shape[-1])], dim=1)
-        loss = flow_loss(transformer, x0[idx], noise[idx], sample_t(recipe, recipe.batch_size, gen), hidden,
+        return flow_loss(transformer, x0[idx], noise[idx], sample_t(recipe, recipe.batch_size, gen), hidden,
                          pooled_all[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(transformer.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    train_s = time.time() - t1
-    ema.copy_to(transformer.parameters())
+
+    losses, train_s = fit(step_loss, [transformer], opt, sched, recipe, progress)
     save_pipeline(out_dir, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, transformer.eval(), pipe.scheduler)
     record = {
         "model": recipe.name,

@@ -25,19 +25,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from bench.embedded.pool import scene_pool
 from bench.embedded.sdxl import (CROP_RESOLUTION, ORIGINAL_SIZES, build_text_encoders, build_unet, encode,
                                  save_pipeline)
 from bench.embedded.shapes import WorldConfig, render_set
 from bench.embedded.t2i import SD15_SCHEDULER_CONFIG, T2I_SEED, WORLD
-from bench.embedded.tokenizer import load as load_tokenizer
-from bench.embedded.tokenizer import tokenize, write_tokenizer_files
+from bench.embedded.tokenizer import tokenize
 from bench.finetune import prediction_target
 from bench.models import EMBEDDED_WEIGHTS
-from bench.recipes.t2i import _images, _lr_lambda, _machine
+from bench.recipes.joint import build_tokenizer, fit, joint_optimizer, parameters, posterior, zero_unused_rows
+from bench.recipes.t2i import _machine
 
 
 @dataclass(frozen=True)
@@ -97,38 +95,20 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
     t0 = time.time()
     data = micro_pool(recipe)
-    pool = data["images"]
-    with torch.no_grad():
-        dists = [vae.encode(_images(pool, np.arange(a, min(a + 500, recipe.pool_size)))).latent_dist
-                 for a in range(0, recipe.pool_size, 500)]
-    mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    mean, std = posterior(vae, data["images"])
     scaling = vae.config.scaling_factor
-    tok_dir = out_dir / ".tokenizer-build"
-    tokenizer = load_tokenizer(write_tokenizer_files(tok_dir))
+    tokenizer = build_tokenizer(out_dir)
     ids = tokenize(tokenizer, data["captions"])
-    import shutil
-
-    shutil.rmtree(tok_dir)
     time_ids = torch.from_numpy(data["time_ids"]).float()
     prep_s = time.time() - t0
 
     text_encoder, text_encoder_2 = build_text_encoders()
     unet = build_unet()
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)  # the training schedule (same betas)
-    encoders = [text_encoder, text_encoder_2]
-    body = [p for m in encoders for n, p in m.named_parameters() if "token_embedding" not in n]
-    embeddings = [p for m in encoders for p in m.get_input_embeddings().parameters()]
-    opt = torch.optim.AdamW([{"params": unet.parameters(), "lr": recipe.lr, "weight_decay": 1e-2},
-                             {"params": body, "lr": recipe.text_lr, "weight_decay": 1e-2},
-                             {"params": embeddings, "lr": recipe.text_lr, "weight_decay": 0.0}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.steps))
-    trained = [unet, text_encoder, text_encoder_2]
-    emas = [EMAModel(m.parameters(), decay=recipe.ema_decay, use_ema_warmup=True) for m in trained]
+    opt, sched = joint_optimizer(unet, [text_encoder, text_encoder_2], recipe)
     gen = torch.Generator().manual_seed(recipe.seed)
-    losses = []
-    bar = tqdm(range(recipe.steps), desc=f"train {recipe.name}", disable=not progress)
-    t1 = time.time()
-    for step in bar:
+
+    def step_loss() -> torch.Tensor:
         idx = torch.randint(0, recipe.pool_size, (recipe.batch_size,), generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         hidden, pooled = encode(text_encoder, text_encoder_2, ids[idx])
@@ -139,28 +119,10 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
         noisy = noise_scheduler.add_noise(latents, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=hidden,
                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids[idx]}).sample
-        loss = F.mse_loss(prediction, prediction_target(noise_scheduler, latents, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for m in trained for p in m.parameters()], 1.0)
-        opt.step()
-        sched.step()
-        for ema, m in zip(emas, trained):
-            ema.step(m.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    train_s = time.time() - t1
-    for ema, m in zip(emas, trained):
-        ema.copy_to(m.parameters())
-    empty = tokenize(tokenizer, [""])[0]
-    used = torch.unique(torch.cat([ids.flatten(), empty]))
-    with torch.no_grad():  # rows of tokens no caption uses got no gradient: stored as zeros (as the t2i model's)
-        for m in encoders:
-            emb = m.get_input_embeddings().weight
-            unused = torch.ones(emb.shape[0], dtype=torch.bool)
-            unused[used] = False
-            emb[unused] = 0.0
+        return F.mse_loss(prediction, prediction_target(noise_scheduler, latents, noise, t))
+
+    losses, train_s = fit(step_loss, [unet, text_encoder, text_encoder_2], opt, sched, recipe, progress)
+    zero_unused_rows([text_encoder, text_encoder_2], torch.unique(torch.cat([ids.flatten(), tokenize(tokenizer, [""])[0]])))
     save_pipeline(out_dir, AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True), text_encoder.eval(),
                   text_encoder_2.eval(), unet.eval())
     kinds = np.bincount(data["kind"], minlength=3)
@@ -172,9 +134,7 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
         "recipe": asdict(recipe),
         "pool": {"plain": int(kinds[0]), "small_original": int(kinds[1]), "random_crop": int(kinds[2]),
                  "original_sizes": list(ORIGINAL_SIZES), "crop_resolution": CROP_RESOLUTION},
-        "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
-                       "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-                       "text_encoder_2": sum(p.numel() for p in text_encoder_2.parameters())},
+        "parameters": parameters(unet=unet, text_encoder=text_encoder, text_encoder_2=text_encoder_2),
         "wall_time_s": round(time.time() - t0, 1),
         "train_loop_s": round(train_s, 1),
         "prepare_s": round(prep_s, 1),

@@ -7,9 +7,7 @@ the runtime world (they use bench.finetune's loss and the feature network's attr
 from __future__ import annotations
 
 import json
-import math
 import platform
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from bench.embedded.feature_extractor import WEIGHTS_DIR32, load_network
@@ -26,10 +23,10 @@ from bench.embedded.pool import scene_pool
 from bench.embedded.shapes import render_set
 from bench.embedded.t2i import (HELDOUT_SEED, RESHARED_NOTE, SD15_SCHEDULER_CONFIG, T2I_SEED, WORLD, build_text_encoder,
                                 build_unet, build_vae, save_pipeline)
-from bench.embedded.tokenizer import load as load_tokenizer
-from bench.embedded.tokenizer import tokenize, write_tokenizer_files
+from bench.embedded.tokenizer import tokenize
 from bench.finetune import diffusion_loss
 from bench.models import EMBEDDED_WEIGHTS
+from bench.recipes.joint import build_tokenizer, fit, images, joint_optimizer, lr_lambda, posterior, zero_unused_rows
 from metrics.attribute_accuracy import predict, score
 
 
@@ -65,22 +62,8 @@ class UnetRecipe:
     name: str = "t2i-unet"
 
 
-def _lr_lambda(warmup: int, steps: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    return f
-
-
 def _machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; {RESHARED_NOTE}"
-
-
-def _images(pool: np.ndarray, idx) -> torch.Tensor:
-    return torch.from_numpy(pool[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # -- the autoencoder -----------------------------------------------------------------------------------------------------
@@ -93,12 +76,12 @@ def train_vae(out_dir: Path, recipe: VaeRecipe = VaeRecipe(), progress: bool = T
     render_s = time.time() - t0
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe.warmup_steps, recipe.steps))
     gen = torch.Generator().manual_seed(recipe.seed)
     losses = []
     bar = tqdm(range(recipe.steps), desc=f"train {recipe.name}", disable=not progress)
     for step in bar:
-        x = _images(pool, torch.randint(0, recipe.pool_size, (recipe.batch_size,), generator=gen).numpy())
+        x = images(pool, torch.randint(0, recipe.pool_size, (recipe.batch_size,), generator=gen).numpy())
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = F.mse_loss(recon, x) + recipe.l1_weight * F.l1_loss(recon, x) + recipe.kl_weight * posterior.kl().mean()
@@ -114,7 +97,7 @@ def train_vae(out_dir: Path, recipe: VaeRecipe = VaeRecipe(), progress: bool = T
     vae.eval()
     with torch.no_grad():
         n = min(2000, recipe.pool_size)
-        sample = torch.cat([vae.encode(_images(pool, np.arange(a, min(a + 500, n)))).latent_dist.mean for a in range(0, n, 500)])
+        sample = torch.cat([vae.encode(images(pool, np.arange(a, min(a + 500, n)))).latent_dist.mean for a in range(0, n, 500)])
     scaling = float(1.0 / sample.std())
     vae.register_to_config(scaling_factor=round(scaling, 5))
     out_dir = Path(out_dir)
@@ -166,60 +149,30 @@ def train_unet(out_dir: Path, recipe: UnetRecipe = UnetRecipe(), progress: bool 
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().requires_grad_(False)
     t0 = time.time()
     pool, scenes = scene_pool(recipe.data_seed, recipe.pool_size, WORLD)
-    with torch.no_grad():  # the frozen VAE's posterior of every pool image, once
-        dists = [vae.encode(_images(pool, np.arange(a, min(a + 500, recipe.pool_size)))).latent_dist
-                 for a in range(0, recipe.pool_size, 500)]
-    mean, std = torch.cat([d.mean for d in dists]), torch.cat([d.std for d in dists])
+    mean, std = posterior(vae, pool)  # the frozen VAE's posterior of every pool image, once
     scaling = vae.config.scaling_factor
-    tok_dir = Path(out_dir) / ".tokenizer-build"
-    tokenizer = load_tokenizer(write_tokenizer_files(tok_dir))
-    shutil.rmtree(tok_dir)
+    tokenizer = build_tokenizer(out_dir)
     ids = tokenize(tokenizer, [s.caption for s in scenes])
     empty = tokenize(tokenizer, [""])[0]
     prep_s = time.time() - t0
 
     text_encoder, unet = build_text_encoder(), build_unet()
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER_CONFIG)  # the training schedule (same betas)
-    params = [{"params": unet.parameters(), "lr": recipe.lr, "weight_decay": 1e-2},
-              {"params": [p for n, p in text_encoder.named_parameters() if "token_embedding" not in n],
-               "lr": recipe.text_lr, "weight_decay": 1e-2},
-              {"params": text_encoder.get_input_embeddings().parameters(), "lr": recipe.text_lr,
-               "weight_decay": 0.0}]  # no decay: rows of tokens never seen must stay untouched
-    opt = torch.optim.AdamW(params)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup_steps, recipe.steps))
-    ema_unet = EMAModel(unet.parameters(), decay=recipe.ema_decay, use_ema_warmup=True)
-    ema_text = EMAModel(text_encoder.parameters(), decay=recipe.ema_decay, use_ema_warmup=True)
+    opt, sched = joint_optimizer(unet, [text_encoder], recipe)
     gen = torch.Generator().manual_seed(recipe.seed)
-    losses = []
-    bar = tqdm(range(recipe.steps), desc=f"train {recipe.name}", disable=not progress)
-    t1 = time.time()
-    for step in bar:
+
+    def step_loss() -> torch.Tensor:
         idx = torch.randint(0, recipe.pool_size, (recipe.batch_size,), generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
         input_ids = ids[idx].clone()
         drop = torch.rand(recipe.batch_size, generator=gen) < recipe.caption_dropout
         input_ids[drop] = empty
         hidden = text_encoder(input_ids)[0]
-        loss = diffusion_loss(unet, noise_scheduler, latents, hidden, gen)  # noise, then t, from gen
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        ema_unet.step(unet.parameters())
-        ema_text.step(text_encoder.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    train_s = time.time() - t1
-    ema_unet.copy_to(unet.parameters())
-    ema_text.copy_to(text_encoder.parameters())
+        return diffusion_loss(unet, noise_scheduler, latents, hidden, gen)  # noise, then t, from gen
+
+    losses, train_s = fit(step_loss, [unet, text_encoder], opt, sched, recipe, progress)
     used = torch.unique(torch.cat([ids.flatten(), empty]))
-    with torch.no_grad():
-        emb = text_encoder.get_input_embeddings().weight
-        keep = torch.zeros(emb.shape[0], dtype=torch.bool)
-        keep[used] = True
-        emb[~keep] = 0.0
+    zero_unused_rows([text_encoder], used)
     vae_copy = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True)
     save_pipeline(out_dir, vae_copy, text_encoder.eval(), unet.eval())
     if vae_record:
