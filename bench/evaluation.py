@@ -61,6 +61,7 @@ class SamplingTimings:
     batch_seconds: list[float] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     batch_calls: list[int] = field(default_factory=list)  # denoiser calls per batch (NFE)
+    batch_evaluations: list[int] = field(default_factory=list)  # per-sample network evaluations per batch (0: unknown)
     call_seconds: list[list[float]] = field(default_factory=list)  # per batch, per call
     batch_warmup: list[bool] = field(default_factory=list)  # per batch: warm-up of its process ([]: the first ones)
     feature_seconds: list[float] = field(default_factory=list)  # per batch: extracting its streamed features

@@ -90,6 +90,25 @@ def _hf_home() -> str:
     return os.environ.get("HF_HOME", str(Path("~/.cache/huggingface").expanduser()))
 
 
+STUDENT_FILE = "distillation.json"  # a distilled student's card (issue 14): what it was distilled from, for which steps
+
+
+def read_student(folder: Path) -> dict[str, Any] | None:
+    """A few-step student's ``distillation.json`` (written by its recipe beside model_index.json): ``method`` (the
+    paper's adapter), ``steps`` (the step counts it was distilled for; null: any), ``teacher``, ``budget`` (its
+    training steps and seconds) and what else the method records; None for a model that is not a student."""
+    path = Path(folder) / STUDENT_FILE
+    if not path.exists():
+        return None
+    try:
+        card = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(card, dict) or "method" not in card:
+        raise BenchError(f"{path} does not say which distillation made the model (no \"method\")")
+    return card
+
+
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
     """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout (loaded once
     per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
@@ -126,10 +145,13 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
+    student = read_student(folder)
     return DiffusionModel(
         name=name or source,
         source=str(source),
-        digest=file_digest(weights, extra={"unet": dict(unet.config), "scheduler": config}),
+        digest=file_digest(weights + ([folder / STUDENT_FILE] if student else []),
+                           extra={"unet": dict(unet.config), "scheduler": config}),
+        extra={"distillation": student} if student else {},
         kind="pixel-diffusion",
         unet=unet.eval().requires_grad_(False),
         scheduler_config=config,
@@ -192,20 +214,26 @@ def load_text_to_image(source: str, name: str | None = None, embedded: bool = Fa
     return reuse.copied(key, lambda: _load_text_to_image(folder, source, name, embedded))
 
 
+# SD-1.x's layout; an LCM folder (SimianLuo/LCM_Dreamshaper_v7, the embedded LCM) has the same components and an
+# LCMScheduler
+SD_PIPELINES = ("StableDiffusionPipeline", "LatentConsistencyModelPipeline")
+
+
 def _load_text_to_image(folder: Path, source: str, name: str | None, embedded: bool) -> TextToImageModel:
-    if pipeline_class(folder) != "StableDiffusionPipeline":
+    class_name = pipeline_class(folder)
+    if class_name not in SD_PIPELINES:
         raise BenchError(f"{folder} is not a StableDiffusionPipeline folder (model_index.json names "
-                         f"{pipeline_class(folder)})")
+                         f"{class_name})")
     missing = [f for f in SD_WEIGHT_FILES if not (folder / f).exists()]
     if missing:
         raise BenchError(f"{folder} lacks {', '.join(missing)} (safetensors weights are required; nothing is unpickled)")
     # imported here: the pipeline pulls in transformers and diffusers' loaders (seconds), which runs of pixel models
     # (and every Ray or Slurm worker that makes them) do not need
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     try:
         with _quiet_loading():
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = getattr(diffusers, class_name).from_pretrained(
                 folder, safety_checker=None, requires_safety_checker=False, dtype=torch.float32, use_safetensors=True
             )
     except Exception as exc:
@@ -213,8 +241,10 @@ def _load_text_to_image(folder: Path, source: str, name: str | None, embedded: b
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.eval().requires_grad_(False)
-    files = [folder / f for f in SD_WEIGHT_FILES + SD_TOKENIZER_FILES if (folder / f).exists()]
-    return TextToImageModel(**_latent_t2i_fields(pipe, files, source, name, embedded), kind="text-to-image")
+    files = [folder / f for f in SD_WEIGHT_FILES + SD_TOKENIZER_FILES + (STUDENT_FILE,) if (folder / f).exists()]
+    student = read_student(folder)
+    return TextToImageModel(**_latent_t2i_fields(pipe, files, source, name, embedded), kind="text-to-image",
+                            extra={"distillation": student} if student else {})
 
 
 def _scheduler_config(pipe) -> dict:
@@ -446,6 +476,7 @@ def flux1_dev() -> FlowMatchingModel:
 
 PIPELINE_LOADERS = {  # model_index.json's _class_name -> loader
     "StableDiffusionPipeline": load_text_to_image,
+    "LatentConsistencyModelPipeline": load_text_to_image,
     "StableDiffusionXLPipeline": load_sdxl,
     "StableDiffusion3Pipeline": load_flow_matching,
     "FluxPipeline": load_flow_matching,

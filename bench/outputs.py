@@ -54,6 +54,9 @@ class Output:
 # values every run records whatever its metrics (bench.runner), and the training budget of methods that fit
 RUN_OUTPUTS: tuple[Output, ...] = (
     Output("nfe", "NFE", "lower", "g", "nfe", 0.0),  # counted, whatever the protocol: nothing to match
+    # network evaluations per sample: CFG's batched [uncond; cond] call counts twice (Meng et al. 2023's "half the
+    # NFE" of a guidance-distilled student), where nfe counts the call once
+    Output("evaluations_per_sample", "evaluations / sample", "lower", "g", "nfe", 0.0),
     Output("num_samples", "samples", "none", ".0f", None, None),
     Output("metric_seconds", "metric phase s (after the last batch)", "lower", ".2f", "latency", None),
     Output("streamed_feature_seconds", "feature extraction s (while sampling)", "lower", ".2f", "latency", None),

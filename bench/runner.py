@@ -430,7 +430,7 @@ def generate_shards(plan: Plan, batches: list[int], progress: bool = True, on_ba
             seconds = time.perf_counter() - t0
             record = ShardRecord(batch=k, indices=(indices.start, indices.stop),
                                  protocol_hash=plan.protocol_hash, seconds=seconds, call_seconds=denoiser.call_seconds(),
-                                 calls=denoiser.calls, warmup=n < spec.warmup_batches,
+                                 calls=denoiser.calls, evaluations=denoiser.evaluations, warmup=n < spec.warmup_batches,
                                  peak_memory_bytes=peak_memory(device)[0], rank=rank)
             writer.add(to_uint8(images), record)
             made[k] = None, record  # the samples live in their shard only: memory does not grow with the run
@@ -470,6 +470,7 @@ def collect(plan: Plan, made: dict[int, tuple[np.ndarray, Any]] | None = None):
         timings.batch_seconds.append(record.seconds)
         timings.batch_sizes.append(indices[1] - indices[0])
         timings.batch_calls.append(record.calls)
+        timings.batch_evaluations.append(record.evaluations)
         timings.call_seconds.append(list(record.call_seconds))
         timings.batch_warmup.append(record.warmup)
         timings.feature_seconds.append(record.feature_seconds)
@@ -549,6 +550,8 @@ def evaluate(plan: Plan, samples, timings, sample_features: dict[tuple[str, str]
             values.update(checked_values(metric, metric.compute(ctx)))
     values["num_samples"] = float(len(samples))
     values["nfe"] = float(np.mean(timings.batch_calls))  # counted denoiser calls per sample, whatever the metrics
+    if timings.batch_evaluations and all(timings.batch_evaluations):  # sidecars older than the count have 0
+        values["evaluations_per_sample"] = float(sum(timings.batch_evaluations)) / len(samples)
     return values
 
 

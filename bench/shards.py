@@ -61,6 +61,7 @@ class ShardRecord:
     seconds: float  # wall time of the batch, device-synchronised
     call_seconds: list[float] = field(default_factory=list)  # time inside each denoiser call
     calls: int = 0  # denoiser calls (NFE of the batch)
+    evaluations: int = 0  # per-sample network evaluations of the batch (CFG's two branches count twice; 0: older)
     warmup: bool = False  # one of its process's first warm-up batches: left out of the latency statistics
     peak_memory_bytes: int = 0  # its process's peak so far
     rank: int = 0
