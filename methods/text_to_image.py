@@ -16,6 +16,11 @@ concatenated, the second's pooled embedding) and ``_get_add_time_ids`` of the mi
 crop top-left, target size: options of the adapters that take them, ``MicroConditioningArgs``, recorded and hashed)
 go to the UNet as ``added_cond_kwargs``.
 
+A UNet that takes the guidance weight as an input (``time_cond_proj_dim`` set: a guidance-distilled or LCM student,
+Meng et al. 2023, Luo et al. 2023) gets it as the pipelines give it, ``timestep_cond`` = the embedding of s - 1, in
+one forward pass per step (no unconditional branch), as StableDiffusionPipeline and LatentConsistencyModelPipeline
+do.
+
 Guidance scale convention: diffusers' ``guidance_scale`` s (1 = no guidance),
 ``eps = eps_u + s (eps_c - eps_u)``; Ho and Salimans write the same with
 ``w = s - 1``: ``eps = (1 + w) eps_c - w eps_u``.
@@ -41,6 +46,7 @@ SCHEDULERS = {  # --scheduler: the diffusers class configured from the model's t
     "pndm": "PNDMScheduler",  # SD-1.5's own (PLMS)
     "dpmsolver++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
+    "lcm": "LCMScheduler",  # Luo et al. 2023's multistep consistency sampler (the LCM students)
 }
 
 
@@ -135,6 +141,11 @@ class LatentTextToImage(TextToImageMethod):
         """Classifier-free guidance (Ho and Salimans 2022, eq. 6 with s = 1 + w), by ``bench.sampling.guide``."""
         return sampling.guide(eps_uncond, eps_cond, self.guidance_scale())
 
+    @staticmethod
+    def guidance_input_dim(model: DiffusionModel) -> int | None:
+        """The UNet's ``time_cond_proj_dim`` (it takes the guidance weight as an input), or None."""
+        return getattr(model.unet.config, "time_cond_proj_dim", None)
+
     def unet_context(self, model: DiffusionModel) -> contextlib.AbstractContextManager:
         """Changes to the UNet for the duration of sampling (FreeU); none by default."""
         return contextlib.nullcontext()
@@ -179,8 +190,14 @@ class LatentTextToImage(TextToImageMethod):
         scheduler = self.make_scheduler(model)
         scheduler.set_timesteps(batch.steps)
         param = next(model.unet.parameters())
-        guided = self.guidance_scale() != 1.0
+        w_dim = self.guidance_input_dim(model)
+        guided = self.guidance_scale() != 1.0 and w_dim is None
         context = self.unet_conditioning(model, batch.prompts, guided, param.device, param.dtype)
+        if w_dim is not None:  # the guidance weight as the UNet's input (the pipelines' timestep_cond, of s - 1)
+            from bench.distillation import guidance_embedding
+
+            w = torch.full((len(batch),), self.guidance_scale() - 1.0)
+            context["timestep_cond"] = guidance_embedding(w, w_dim).to(param.device, param.dtype)
         gens = sampling.generators(batch.seeds)
         x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
 
