@@ -69,6 +69,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "diffusion-dpo": "methods.diffusion_dpo:DiffusionDPO",
     "dpok": "methods.dpok:DPOK",
     "parrot": "methods.parrot:Parrot",
+    # -- few-step students (issue 14): each samples the students its paper's recipe distils
+    "progressive-distillation": "methods.progressive_distillation:ProgressiveDistillation",
+    "consistency": "methods.consistency:Consistency",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -118,7 +121,13 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
 MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-ddpm": "bench.models:embedded_pixel_ddpm",
     "embedded-ddpm-zsnr": "bench.models:embedded_pixel_ddpm_zsnr",
+    # few-step students of embedded-ddpm (issue 14)
+    "embedded-pd-4": "bench.models:embedded_pd_4",
+    "embedded-pd-2": "bench.models:embedded_pd_2",
+    "embedded-pd-1": "bench.models:embedded_pd_1",
+    "embedded-cd": "bench.models:embedded_cd",
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
+    "openai/diffusers-cd_imagenet64_l2": "bench.models:cd_imagenet64_l2",
     "embedded-t2i": "bench.models:embedded_t2i",
     "embedded-sdxl": "bench.models:embedded_sdxl",
     "embedded-flow": "bench.models:embedded_flow",

@@ -109,7 +109,10 @@ def distillation_target(schedule: Schedule, teacher: Callable[[torch.Tensor, tor
     x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha); at the clean end (sigma'' = 0) x~ = z''.
 
     ``teacher(x, t)`` is the teacher's raw output (guidance applied), of ``teacher_prediction`` type (default: the
-    schedule's). Returns x~ in float64."""
+    schedule's). Returns x~ in float64, clipped to [-1, 1] where the schedule clips x0 (the pixel DDPM): on a linear
+    beta schedule the first step's denominator alpha'' - (sigma''/sigma) alpha is near 0 (alpha-bar at t = T is 4e-5,
+    not the cosine schedule's 0 of the paper) and x~ would amplify the teacher's end point a thousandfold, where the
+    landing point hardly depends on x~ at all."""
     with torch.no_grad():
         x0, eps = schedule.split(teacher(x, t), x, t, teacher_prediction)
         mid = schedule.ddim(x, x0, eps, t_mid)
@@ -118,7 +121,8 @@ def distillation_target(schedule: Schedule, teacher: Callable[[torch.Tensor, tor
     a, a2 = _col(schedule.alpha_bar(t), x), _col(schedule.alpha_bar(t_next), x)
     alpha, sigma, alpha2, sigma2 = a.sqrt(), (1 - a).sqrt(), a2.sqrt(), (1 - a2).sqrt()
     ratio = sigma2 / sigma
-    return (end - ratio * x.double()) / (alpha2 - ratio * alpha)
+    target = (end - ratio * x.double()) / (alpha2 - ratio * alpha)
+    return target.clamp(-1, 1) if schedule.clip_sample else target
 
 
 # -- the guidance weight as an input (Meng et al. 2023; Luo et al. 2023's w-embedding) ---------------------------------

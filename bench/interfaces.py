@@ -260,6 +260,9 @@ class Method(ABC):
                     f"(velocity prediction on FlowMatchEulerDiscreteScheduler sigmas): use a flow-matching sampler "
                     f"(flow-euler, flow-heun, flow-dpmsolver++)"
                 )
+            if model.kind == "consistency":
+                raise BenchError(f"method {self.name!r} samples DDPM-family models; {model.name!r} is a consistency "
+                                 f"model (CMStochasticIterativeScheduler sigmas): sample it with --method consistency")
             raise BenchError(
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "
                 f"but {model.name!r} is {model.kind}"

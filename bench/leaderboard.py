@@ -211,7 +211,10 @@ def config_table(runs, metrics: Sequence[str], by: Sequence[str]):
     return pd.DataFrame(out)
 
 
-BOARD_METRICS = ("fid", "kid_mean", "nfe", "latency_per_image_ms", "throughput_images_per_s", "peak_memory_mb")
+BOARD_METRICS = ("fid", "kid_mean", "nfe", "latency_per_image_ms", "throughput_images_per_s", "peak_memory_mb",
+                 "evaluations_per_sample", "pretrain_steps", "pretrain_seconds")
+# shown where a row has them: a few-step student's one-time training beside the solvers' nothing (issue 14)
+BUDGET_COLUMNS = ("pretrain_steps", "pretrain_seconds")
 
 
 def leaderboard(runs, metric: str = "fid", per_protocol: bool = False):
@@ -251,12 +254,15 @@ fmt_metric = outputs.format_ci  # mean +- half in the metric's declared format
 def display_rows(board, metric: str) -> tuple[list[str], list[tuple[tuple[str, str, str], list[list[str]]]]]:
     """Headers and, per (protocol, device) group, the formatted rows: what table, md and html print."""
     shown = [m for m in dict.fromkeys([metric, "fid", "kid_mean", "latency_per_image_ms"]) if m in board and m != "nfe"]
+    shown += [m for m in BUDGET_COLUMNS if m in board and board[m].notna().any() and m not in shown]
+    models = "model" in board and board["model"].nunique() > 1  # students beside their teacher: say which is which
     headers = ["rank", "method", "steps", "NFE", "seeds"] + [outputs.label(m) for m in shown]
     groups = []
     for (h, device), group in board.groupby(list(GROUP_COLUMNS), sort=False):
         rows = []
         for _, r in group.iterrows():
-            cells = [str(r["rank"]), r["config"], str(int(r["steps"])), f"{r['nfe']:g}" if "nfe" in r else "-",
+            label = f"{r['config']} @ {r['model']}" if models else r["config"]
+            cells = [str(r["rank"]), label, str(int(r["steps"])), f"{r['nfe']:g}" if "nfe" in r else "-",
                      str(int(r["seeds"]))]
             for m in shown:
                 cells.append(fmt_metric(m, r[m], r.get(f"{m}_ci95", float("nan"))))

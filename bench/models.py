@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import snapshot_download
 
@@ -139,7 +139,9 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         with quiet_loading():
             unet = UNet2DModel.from_pretrained(unet_dir,
                                                use_safetensors=any(p.suffix == ".safetensors" for p in weights))
-        scheduler = DDPMScheduler.from_config(sched_config)
+        # a consistency model (Song et al. 2023; openai/diffusers-cd_imagenet64_l2's layout) keeps its sigma grid
+        consistency = sched_config.get("_class_name") == "CMStochasticIterativeScheduler"
+        scheduler = (CMStochasticIterativeScheduler if consistency else DDPMScheduler).from_config(sched_config)
     except Exception as exc:
         raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
@@ -152,7 +154,7 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         digest=file_digest(weights + ([folder / STUDENT_FILE] if student else []),
                            extra={"unet": dict(unet.config), "scheduler": config}),
         extra={"distillation": student} if student else {},
-        kind="pixel-diffusion",
+        kind="consistency" if consistency else "pixel-diffusion",
         unet=unet.eval().requires_grad_(False),
         scheduler_config=config,
         sample_shape=(unet.config.out_channels, h, w),
@@ -168,6 +170,36 @@ def embedded_pixel_ddpm() -> DiffusionModel:
 def embedded_pixel_ddpm_zsnr() -> DiffusionModel:
     """the same pixel DDPM trained with zero-terminal-SNR betas and v-prediction (Lin et al. 2023)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm-zsnr"), name="embedded-ddpm-zsnr", embedded=True)
+
+
+def _embedded_pd(steps: int) -> DiffusionModel:
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "progressive-distillation" / f"steps-{steps}"),
+                                name=f"embedded-pd-{steps}", embedded=True)
+
+
+def embedded_pd_4() -> DiffusionModel:
+    """the pixel DDPM progressively distilled to 4 DDIM steps (Salimans and Ho 2022; v-prediction; committed)"""
+    return _embedded_pd(4)
+
+
+def embedded_pd_2() -> DiffusionModel:
+    """the pixel DDPM progressively distilled to 2 DDIM steps (Salimans and Ho 2022; v-prediction; committed)"""
+    return _embedded_pd(2)
+
+
+def embedded_pd_1() -> DiffusionModel:
+    """the pixel DDPM progressively distilled to 1 DDIM step (Salimans and Ho 2022; v-prediction; committed)"""
+    return _embedded_pd(1)
+
+
+def embedded_cd() -> DiffusionModel:
+    """the pixel DDPM's consistency-distilled student (Song et al. 2023; ConsistencyModelPipeline layout; committed)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "consistency-distillation"), name="embedded-cd", embedded=True)
+
+
+def cd_imagenet64_l2() -> DiffusionModel:
+    """openai's consistency-distilled ImageNet 64 model, L2 metric (Song et al. 2023); needs the download"""
+    return load_pixel_diffusion("openai/diffusers-cd_imagenet64_l2", name="openai/diffusers-cd_imagenet64_l2")
 
 
 def ddpm_cifar10() -> DiffusionModel:

@@ -70,6 +70,7 @@ RUN_OUTPUTS: tuple[Output, ...] = (
     Output("path_straightness", "path straightness (0 = straight)", "lower", ".4f", None, None),
     # a method trained once for every subject (InstantBooth's encoders, HyperDreamBooth's HyperNetwork): that one-time budget, beside the per-run one
     Output("pretrain_seconds", "pre-training s (once)", "lower", ".1f", None, None),
+    Output("pretrain_steps", "pre-training steps (once)", "none", ".0f", None, None),
     Output("pretrain_*", "pre-training", "none", ".3g", None, None),
     Output("prior_drift", "prior drift (FID, before vs after)", "lower", ".3f", None, None),
     Output("prior_*", "prior", "none", ".3f", None, None),

@@ -36,12 +36,13 @@ from bench.spec import FIELD_NAMES, RunSpec, canonical_json, stable_hash
 # The summary's columns (a column shows when the first run has it); their labels and formats are the metrics'
 # declarations (bench.outputs). feedback_accuracy, reward, human_approval, train_seconds: the alignment table
 # (issue 9); clip_i, clip_t, dino / subject_sim_shapes_cnn32, prior_drift, train_*: the personalization table (issue 8);
-# cutoff_rate, sharpness: SDXL's micro-conditioning, path_straightness: reflow (issue 16)
+# cutoff_rate, sharpness: SDXL's micro-conditioning, path_straightness: reflow (issue 16); evaluations_per_sample,
+# pretrain_steps, pretrain_seconds: the few-step students beside the solvers, with their one-time training (issue 14)
 SUMMARY_METRICS = ("fid", "kid_mean", "clip_score", "clip_i", "clip_t", "dino", "subject_sim_shapes_cnn32",
                    "attr_acc_all", "feedback_accuracy", "reward", "human_approval", "prior_drift", "train_steps",
                    "train_reward_queries", "cutoff_rate", "sharpness", "path_straightness",
                    "train_params", "train_saved_bytes", "train_seconds", "train_peak_memory_bytes",
-                   "latency_per_image_ms", "nfe")
+                   "evaluations_per_sample", "pretrain_steps", "pretrain_seconds", "latency_per_image_ms", "nfe")
 
 
 @dataclass(frozen=True)
@@ -365,7 +366,7 @@ def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], row
     """table.csv, table.md, sweep.json, fid_vs_nfe.png and samples.png in OUT; returns (summary, markdown table)."""
     import json
 
-    summary = summarize(rows, [m for m in SUMMARY_METRICS if m in rows[0]])
+    summary = summarize(rows, [m for m in SUMMARY_METRICS if any(m in r for r in rows)])  # a student's budget too
     summary.to_csv(out / "table.csv", index=False)
     table = format_table(summary)
     (out / "table.md").write_text(table + "\n")

@@ -29,6 +29,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "flow": ("bench.recipes.flow", "Recipe", "flow"),
     "flow-reflow": ("bench.recipes.flow", "ReflowRecipe", "flow-reflow"),
     "flow-uniform": ("bench.recipes.flow", "UniformRecipe", "flow-uniform"),  # Esser et al.'s uniform-t baseline
+    # -- few-step students (issue 14): of the pixel DDPM (--steps: updates per round for progressive distillation)
+    "progressive-distillation": ("bench.recipes.distill", "PDRecipe", "progressive-distillation"),
+    "consistency-distillation": ("bench.recipes.distill", "CDRecipe", "consistency-distillation"),
 }
 
 
