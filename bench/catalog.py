@@ -69,6 +69,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "diffusion-dpo": "methods.diffusion_dpo:DiffusionDPO",
     "dpok": "methods.dpok:DPOK",
     "parrot": "methods.parrot:Parrot",
+    # -- few-step students (issue 14)
+    "guided-distillation": "methods.guided_distillation:GuidedDistillation",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -120,6 +122,8 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-ddpm-zsnr": "bench.models:embedded_pixel_ddpm_zsnr",
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
     "embedded-t2i": "bench.models:embedded_t2i",
+    "embedded-guided-distillation": "bench.models:embedded_guided_distillation",
+    "embedded-guided-distillation-4": "bench.models:embedded_guided_distillation_4",
     "embedded-sdxl": "bench.models:embedded_sdxl",
     "embedded-flow": "bench.models:embedded_flow",
     "embedded-flow-reflow": "bench.models:embedded_flow_reflow",

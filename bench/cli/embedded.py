@@ -29,6 +29,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "flow": ("bench.recipes.flow", "Recipe", "flow"),
     "flow-reflow": ("bench.recipes.flow", "ReflowRecipe", "flow-reflow"),
     "flow-uniform": ("bench.recipes.flow", "UniformRecipe", "flow-uniform"),  # Esser et al.'s uniform-t baseline
+    # -- few-step students (issue 14): Meng et al. 2023's guided distillation, stage one (w as an input) and two
+    "guided-distillation": ("bench.recipes.guided", "Recipe", "guided-distillation"),
+    "guided-distillation-4": ("bench.recipes.guided", "ProgressiveRecipe", "guided-distillation-4"),
 }
 
 
