@@ -110,7 +110,8 @@ def test_bad_input_is_one_line_exit_2(folders, which, extra, fragment, capsys, t
 
 # -- the recipe ---------------------------------------------------------------------------------------------------------
 def test_stage_one_loss_is_zero_at_w_zero_at_step_zero():
-    """with cond_proj zero the student is the teacher's conditional branch: the CFG target at w = 0 exactly."""
+    """with cond_proj zero the student is the teacher's conditional branch: the CFG target at w = 0 exactly (the
+    teacher built in memory, whose time_cond_proj_dim is only a default: bench.distillation.with_guidance_input)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
