@@ -123,7 +123,8 @@ def test_stage_one_loss_is_zero_at_w_zero_at_step_zero():
     cond, uncond = torch.randn(3, 77, 16), torch.randn(1, 77, 16)
     zero = guided.stage_one_loss(student, teacher, z, t, cond, uncond, torch.zeros(3))
     guided_w = guided.stage_one_loss(student, teacher, z, t, cond, uncond, torch.full((3,), 3.0))
-    assert float(zero) < 1e-10 and float(guided_w) > 1e-4, (float(zero), float(guided_w))
+    zero, guided_w = zero.item(), guided_w.item()
+    assert zero < 1e-10 and guided_w > 1e-4, (zero, guided_w)
 
 
 def test_stage_two_rounds_and_the_four_step_sampler():
