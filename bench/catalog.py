@@ -72,6 +72,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     # -- few-step students (issue 14): each samples the students its paper's recipe distils
     "progressive-distillation": "methods.progressive_distillation:ProgressiveDistillation",
     "consistency": "methods.consistency:Consistency",
+    "guided-distillation": "methods.guided_distillation:GuidedDistillation",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -129,6 +130,8 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
     "openai/diffusers-cd_imagenet64_l2": "bench.models:cd_imagenet64_l2",
     "embedded-t2i": "bench.models:embedded_t2i",
+    "embedded-guided-distillation": "bench.models:embedded_guided_distillation",
+    "embedded-guided-distillation-4": "bench.models:embedded_guided_distillation_4",
     "embedded-sdxl": "bench.models:embedded_sdxl",
     "embedded-flow": "bench.models:embedded_flow",
     "embedded-flow-reflow": "bench.models:embedded_flow_reflow",

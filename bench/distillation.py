@@ -140,7 +140,10 @@ def with_guidance_input(unet, dim: int = 256):
     w). The architecture diffusers' LCM and guided-distillation checkpoints use."""
     from diffusers import UNet2DConditionModel
 
-    student = UNet2DConditionModel.from_config({**unet.config, "time_cond_proj_dim": dim})
+    # without "_use_default_values": from_config would drop a key the teacher only defaulted (time_cond_proj_dim of a
+    # UNet built in memory rather than loaded), and the student would have no cond_proj
+    config = {k: v for k, v in unet.config.items() if k != "_use_default_values"}
+    student = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": dim})
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or any(not k.startswith("time_embedding.cond_proj") for k in missing):
         raise RuntimeError(f"teacher and student differ beyond cond_proj: missing {missing}, unexpected {unexpected}")

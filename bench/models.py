@@ -314,6 +314,18 @@ def embedded_t2i() -> TextToImageModel:
     return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i"), name="embedded-t2i", embedded=True)
 
 
+def embedded_guided_distillation() -> TextToImageModel:
+    """embedded-t2i's guided-distillation student (Meng et al. 2023, stage one): the guidance weight w as an input, one forward pass per step"""
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "guided-distillation"), name="embedded-guided-distillation",
+                              embedded=True)
+
+
+def embedded_guided_distillation_4() -> TextToImageModel:
+    """the guided-distillation student progressively distilled to 4 DDIM steps (Meng et al. 2023, stage two; v-prediction, trailing)"""
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "guided-distillation-4"), name="embedded-guided-distillation-4",
+                              embedded=True)
+
+
 def stable_diffusion_v1_5() -> TextToImageModel:
     """Stable Diffusion v1.5 (Rombach et al. 2022), 512x512; needs the download"""
     return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")

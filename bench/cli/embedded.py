@@ -32,6 +32,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- few-step students (issue 14): of the pixel DDPM (--steps: updates per round for progressive distillation)
     "progressive-distillation": ("bench.recipes.distill", "PDRecipe", "progressive-distillation"),
     "consistency-distillation": ("bench.recipes.distill", "CDRecipe", "consistency-distillation"),
+    "guided-distillation": ("bench.recipes.guided", "Recipe", "guided-distillation"),
+    "guided-distillation-4": ("bench.recipes.guided", "ProgressiveRecipe", "guided-distillation-4"),
 }
 
 
