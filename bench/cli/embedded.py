@@ -29,6 +29,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "flow": ("bench.recipes.flow", "Recipe", "flow"),
     "flow-reflow": ("bench.recipes.flow", "ReflowRecipe", "flow-reflow"),
     "flow-uniform": ("bench.recipes.flow", "UniformRecipe", "flow-uniform"),  # Esser et al.'s uniform-t baseline
+    # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
+    "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
+    "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
 }
 
 
