@@ -100,8 +100,8 @@ LORA_CLAIMS = (
           "FID within 0.15", "Luo et al. 2023b (LCM-LoRA report), 3 and Fig. 1-2 (verify): LCM-LoRA's few-step "
           "samples are close to the fully fine-tuned LCM's with a fraction of the trainable parameters", "fid",
           (("lcm-lora 4 steps", LORA_4), ("lcm 4 steps", LCM_4)), "within", margin=0.15,
-          note=MARGINS_NOTE + " The LoRA (rank 8) trains about a tenth of the UNet's parameters, with the guidance "
-          "range folded in (no w-embedding), sampled without CFG (s = 1) as the LCM-LoRA docs sample it."),
+          note=MARGINS_NOTE + " The LoRA (rank 8; its parameter count against the UNet's: "
+          "bench/embedded/weights/lcm-lora/RECIPE.json) trains with the guidance range folded in (no w-embedding), sampled without CFG (s = 1) as the LCM-LoRA docs sample it."),
 )
 
 
@@ -222,6 +222,9 @@ class LCMLoRA(StudentMethod, LatentTextToImage):
             line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise BenchError(f"method {self.name!r}: cannot load LoRA {self.args.lora} on {model.name!r}: "
                              f"{type(exc).__name__}: {line[:300]}") from None
+        if ADAPTER not in (getattr(model.unet, "peft_config", None) or {}):  # diffusers skips a file of other keys
+            raise BenchError(f"method {self.name!r}: cannot load LoRA {self.args.lora} on {model.name!r}: it has no "
+                             f"weights for this UNet's modules")
 
     def lora_card(self) -> dict[str, Any] | None:
         from bench.models import read_student
