@@ -187,7 +187,7 @@ def test_lcm_distillation_loss_at_step_0_is_the_algorithm(tiny_dir):
     assert torch.allclose(loss, total / b, rtol=1e-4, atol=1e-7), (float(loss), float(total / b))
 
 
-# -- bad input: one line, exit 2, before sampling ------------------------------------------------------------------------
+# -- bad input: one line, exit 2, before sampling ----------------------------------------------------------------------
 def bad(argv, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     rc = main(["run", *argv, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--steps", "4", "--num-samples",
@@ -243,7 +243,7 @@ def test_a_public_lcm_offline_is_one_line_saying_what_to_download(capsys, monkey
     assert "hf download SimianLuo/LCM_Dreamshaper_v7" in line
 
 
-# -- the committed students ----------------------------------------------------------------------------------------------
+# -- the committed students --------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not (EMBEDDED_WEIGHTS / "lcm" / "distillation.json").exists(), reason="embedded-lcm not trained")
 def test_committed_lcm_loads_with_its_card():
     model = load_model("embedded-lcm")
