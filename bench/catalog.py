@@ -73,6 +73,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "progressive-distillation": "methods.progressive_distillation:ProgressiveDistillation",
     "consistency": "methods.consistency:Consistency",
     "guided-distillation": "methods.guided_distillation:GuidedDistillation",
+    "lcm": "methods.lcm:LCM",
+    "lcm-lora": "methods.lcm:LCMLoRA",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -136,6 +138,7 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-flow": "bench.models:embedded_flow",
     "embedded-flow-reflow": "bench.models:embedded_flow_reflow",
     "embedded-flow-uniform": "bench.models:embedded_flow_uniform",
+    "embedded-lcm": "bench.models:embedded_lcm",  # issue 14: embedded-t2i's latent consistency model
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "bench.models:stable_diffusion_v1_5",
     "stabilityai/stable-diffusion-xl-base-1.0": "bench.models:stable_diffusion_xl_base",
     "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",

@@ -326,6 +326,11 @@ def embedded_guided_distillation_4() -> TextToImageModel:
                               embedded=True)
 
 
+def embedded_lcm() -> TextToImageModel:
+    """embedded-t2i's latent consistency model (Luo et al. 2023: LatentConsistencyModelPipeline, w-embedding, LCMScheduler; committed)"""
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "lcm"), name="embedded-lcm", embedded=True)
+
+
 def stable_diffusion_v1_5() -> TextToImageModel:
     """Stable Diffusion v1.5 (Rombach et al. 2022), 512x512; needs the download"""
     return load_text_to_image("stable-diffusion-v1-5/stable-diffusion-v1-5", name="stable-diffusion-v1-5/stable-diffusion-v1-5")

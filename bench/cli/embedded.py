@@ -34,6 +34,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "consistency-distillation": ("bench.recipes.distill", "CDRecipe", "consistency-distillation"),
     "guided-distillation": ("bench.recipes.guided", "Recipe", "guided-distillation"),
     "guided-distillation-4": ("bench.recipes.guided", "ProgressiveRecipe", "guided-distillation-4"),
+    # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
+    "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
+    "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
 }
 
 
