@@ -366,7 +366,10 @@ def write_summary(name: str, sid: str, base: RunSpec, cells: Sequence[Cell], row
     """table.csv, table.md, sweep.json, fid_vs_nfe.png and samples.png in OUT; returns (summary, markdown table)."""
     import json
 
-    summary = summarize(rows, [m for m in SUMMARY_METRICS if any(m in r for r in rows)])  # a student's budget too
+    shown = [m for m in SUMMARY_METRICS if any(m in r for r in rows)]  # a student's budget too
+    if not any(r.get("evaluations_per_sample", r.get("nfe")) != r.get("nfe") for r in rows):
+        shown = [m for m in shown if m != "evaluations_per_sample"]  # the NFE column says it already (no CFG)
+    summary = summarize(rows, shown)
     summary.to_csv(out / "table.csv", index=False)
     table = format_table(summary)
     (out / "table.md").write_text(table + "\n")

@@ -107,10 +107,12 @@ LCM_CLAIMS = (
 
 LORA_CLAIMS = (
     Claim("4-step-lcm-lora-approaches-lcm", "LCM-LoRA on the base UNet at 4 steps approaches the full LCM at 4 steps: "
-          "FID within 0.15", "Luo et al. 2023b (LCM-LoRA report), 3 and Fig. 1-2 (verify): LCM-LoRA's few-step "
+          "its FID at most 0.15 above the LCM's", "Luo et al. 2023b (LCM-LoRA report), 3 and Fig. 1-2 (verify): LCM-LoRA's few-step "
           "samples are close to the fully fine-tuned LCM's with a fraction of the trainable parameters", "fid",
-          (("lcm-lora 4 steps", LORA_4), ("lcm 4 steps", LCM_4)), "within", margin=0.15,
-          note=MARGINS_NOTE + " The LoRA (rank 8; its parameter count against the UNet's: "
+          (("lcm-lora 4 steps", LORA_4), ("lcm 4 steps", LCM_4)), "at-most", margin=0.15,
+          note="at-most, not within: a LoRA better than the full LCM has not failed to approach it (declared 'within' "
+          "at first, which the first measurement showed to be the wrong relation: LCM-LoRA 0.588 against the LCM's "
+          "0.809, `bench claims --method lcm-lora`). " + MARGINS_NOTE + " The LoRA (rank 8; its parameter count against the UNet's: "
           "bench/embedded/weights/lcm-lora/RECIPE.json) trains with the guidance range folded in (no w-embedding), "
           "sampled without CFG (s = 1) as the LCM-LoRA docs sample it. "
           + MEASURED + " The LoRA is closer to the teacher than the full LCM here (lower FID), beyond the margin the "

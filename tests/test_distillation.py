@@ -129,8 +129,9 @@ def test_consistency_sampling_equals_consistency_model_pipeline(cm, steps):
     ours = method.generate(model, Batch(seeds, steps), CountingDenoiser(model.unet, torch.device("cpu")))
     pipe = ConsistencyModelPipeline.from_pretrained(cm)
     pipe.set_progress_bar_config(disable=True)
-    latents = cpu_noise(generators(seeds), model.sample_shape)  # the pipeline scales by init_noise_sigma itself
-    theirs = pipe(batch_size=2, num_inference_steps=steps, latents=latents, generator=generators(seeds),
+    gens = generators(seeds)  # drawn from as our loop draws: the initial noise, then each multistep's noise
+    latents = cpu_noise(gens, model.sample_shape)  # the pipeline scales by init_noise_sigma itself
+    theirs = pipe(batch_size=2, num_inference_steps=steps, latents=latents, generator=gens,
                   output_type="pt").images  # [0, 1]
     torch.testing.assert_close((ours + 1) / 2, theirs.clamp(0, 1), atol=1e-5, rtol=1e-5)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bench.catalog import METHODS
+from methods.distilled import StudentMethod
 from bench.denoiser import CountingDenoiser
 from bench.embedded.pixel_ddpm import SCHEDULER_CONFIG, ZERO_SNR_SCHEDULER_CONFIG
 from bench.errors import BenchError
@@ -50,7 +51,9 @@ TWO_PER_STEP = ("heun", "kdpm2")
 
 
 # the unconditional samplers: text-to-image and classifier-guided methods have contracts of their own (test_guidance.py)
-SAMPLERS = [n for n in METHODS.names() if METHODS.get(n).conditioning == "none"]
+# the solvers of any DDPM-family model; a few-step student's adapter samples its students alone (tests/test_distillation.py)
+SAMPLERS = [n for n in METHODS.names()
+            if METHODS.get(n).conditioning == "none" and not issubclass(METHODS.get(n), StudentMethod)]
 
 
 def expected_nfe(name: str, args, steps: int) -> int:
