@@ -118,11 +118,9 @@ class GuidedDistillation(StudentMethod, LatentTextToImage):
               (("student 4 steps", student("guided-distillation", STUDENT_4, 4, FEW_STEP_SCALE)),
                ("ddim+cfg 4 steps", teacher(4, FEW_STEP_SCALE))), "less",
               note=f"s = {FEW_STEP_SCALE:g} (w = {FEW_STEP_SCALE - 1:g}); the teacher's DDIM is its config's "
-              "(leading spacing, as its pipeline samples). Measured at full size (`bench claims --method "
-              "guided-distillation`, 256 samples x 3 seeds): FID 0.4028 +- 0.0568 against 0.4997 +- 0.186, lower in "
-              "the mean but the paired interval over 3 seeds (-0.0969 +- 0.139) crosses zero: the teacher's 4-step "
-              "FID varies from seed to seed, and the student had 1750 distillation steps in all (--quick: holds, "
-              "0.803 against 1.036)"),
+              "(leading spacing, as its pipeline samples). The teacher's 4-step FID varies from seed to seed and the student "
+              "had 1750 distillation steps in all: the paired interval over 3 seeds can cross zero (the values: "
+              "`bench claims --method guided-distillation`)"),
     )
 
     def check(self, model: DiffusionModel, steps: int) -> None:
