@@ -14,6 +14,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "ddpm": "methods.ddpm:DDPM",
     "ddim": "methods.ddim:DDIM",
     "pndm": "methods.pndm:PNDM",
+    "improved-ddpm": "methods.improved_ddpm:ImprovedDDPM",  # issue 15 (lead)
     "dpmsolver": "methods.dpm_solver:DPMSolver",
     "dpmsolver++": "methods.dpm_solver_pp:DPMSolverPP",
     "dpmsolver++-2s": "methods.dpm_solver_pp:DPMSolverPP2S",
@@ -129,6 +130,11 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-pd-2": "bench.models:embedded_pd_2",
     "embedded-pd-1": "bench.models:embedded_pd_1",
     "embedded-cd": "bench.models:embedded_cd",
+    # issue 15 (lead): the score-based pixel variants
+    "embedded-ncsn": "bench.models:embedded_ncsn",
+    "embedded-iddpm": "bench.models:embedded_iddpm",
+    "embedded-iddpm-linear": "bench.models:embedded_iddpm_linear",
+    "google/ncsnpp-celebahq-256": "bench.models:ncsnpp_celebahq_256",
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
     "openai/diffusers-cd_imagenet64_l2": "bench.models:cd_imagenet64_l2",
     "embedded-t2i": "bench.models:embedded_t2i",

@@ -263,6 +263,10 @@ class Method(ABC):
             if model.kind == "consistency":
                 raise BenchError(f"method {self.name!r} samples DDPM-family models; {model.name!r} is a consistency "
                                  f"model (CMStochasticIterativeScheduler sigmas): sample it with --method consistency")
+            if model.kind == "score-ve":
+                raise BenchError(f"method {self.name!r} samples DDPM-family models; {model.name!r} is a variance-"
+                                 f"exploding score model (ScoreSdeVeScheduler sigmas): sample it with --method "
+                                 f"score-sde, ncsn or probability-flow")
             raise BenchError(
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "
                 f"but {model.name!r} is {model.kind}"

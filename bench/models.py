@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
+from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, ScoreSdeVeScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import snapshot_download
 
@@ -109,6 +109,12 @@ def read_student(folder: Path) -> dict[str, Any] | None:
     return card
 
 
+# the pixel model kinds a scheduler config's _class_name names (any other: a DDPM-family epsilon / v model)
+PIXEL_KINDS = {"CMStochasticIterativeScheduler": "consistency", "ScoreSdeVeScheduler": "score-ve"}
+SCHEDULER_OF_KIND = {"pixel-diffusion": DDPMScheduler, "consistency": CMStochasticIterativeScheduler,
+                     "score-ve": ScoreSdeVeScheduler}
+
+
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
     """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout (loaded once
     per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
@@ -139,9 +145,10 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         with quiet_loading():
             unet = UNet2DModel.from_pretrained(unet_dir,
                                                use_safetensors=any(p.suffix == ".safetensors" for p in weights))
-        # a consistency model (Song et al. 2023; openai/diffusers-cd_imagenet64_l2's layout) keeps its sigma grid
-        consistency = sched_config.get("_class_name") == "CMStochasticIterativeScheduler"
-        scheduler = (CMStochasticIterativeScheduler if consistency else DDPMScheduler).from_config(sched_config)
+        # a consistency model (Song et al. 2023; openai/diffusers-cd_imagenet64_l2's layout) keeps its sigma grid; a
+        # variance-exploding score model (Song et al. 2021; google/ncsnpp-*'s ScoreSdeVePipeline layout) its sigmas
+        kind = PIXEL_KINDS.get(sched_config.get("_class_name"), "pixel-diffusion")
+        scheduler = SCHEDULER_OF_KIND[kind].from_config(sched_config)
     except Exception as exc:
         raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
@@ -154,10 +161,10 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         digest=file_digest(weights + ([folder / STUDENT_FILE] if student else []),
                            extra={"unet": dict(unet.config), "scheduler": config}),
         extra={"distillation": student} if student else {},
-        kind="consistency" if consistency else "pixel-diffusion",
+        kind=kind,
         unet=unet.eval().requires_grad_(False),
         scheduler_config=config,
-        sample_shape=(unet.config.out_channels, h, w),
+        sample_shape=(unet.config.in_channels, h, w),  # out_channels is twice that where variances are learned
         embedded=embedded,
     )
 
@@ -195,6 +202,26 @@ def embedded_pd_1() -> DiffusionModel:
 def embedded_cd() -> DiffusionModel:
     """the pixel DDPM's consistency-distilled student (Song et al. 2023; ConsistencyModelPipeline layout; committed)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "consistency-distillation"), name="embedded-cd", embedded=True)
+
+
+def embedded_ncsn() -> DiffusionModel:
+    """variance-exploding score model of the shapes world (16x16, Fourier sigma features; ScoreSdeVePipeline layout)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "ncsn"), name="embedded-ncsn", embedded=True)
+
+
+def embedded_iddpm() -> DiffusionModel:
+    """Improved DDPM of the shapes world: cosine schedule, learned variances, hybrid loss (Nichol and Dhariwal 2021)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "iddpm"), name="embedded-iddpm", embedded=True)
+
+
+def embedded_iddpm_linear() -> DiffusionModel:
+    """embedded-iddpm's twin with the linear schedule (learned variances, hybrid loss, the same budget)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "iddpm-linear"), name="embedded-iddpm-linear", embedded=True)
+
+
+def ncsnpp_celebahq_256() -> DiffusionModel:
+    """Song et al.'s NCSN++ (VE SDE) on CelebA-HQ 256, ScoreSdeVePipeline; needs the download"""
+    return load_pixel_diffusion("google/ncsnpp-celebahq-256", name="google/ncsnpp-celebahq-256")
 
 
 def cd_imagenet64_l2() -> DiffusionModel:

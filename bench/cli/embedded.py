@@ -37,6 +37,10 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
     "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
     "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
+    # issue 15: score-based pixel variants (NCSN / Score-SDE VE; Improved DDPM's learned variances and schedules)
+    "ncsn": ("bench.recipes.score_models", "NcsnRecipe", "ncsn"),
+    "iddpm": ("bench.recipes.score_models", "IddpmRecipe", "iddpm"),
+    "iddpm-linear": ("bench.recipes.score_models", "IddpmLinearRecipe", "iddpm-linear"),
 }
 
 

@@ -95,7 +95,8 @@ def build_scheduler(variant: str = "standard"):
     return DDPMScheduler(**VARIANTS[variant])
 
 
-def _batch(recipe: Recipe, step: int) -> torch.Tensor:
+def training_batch(recipe, step: int) -> torch.Tensor:
+    """Batch ``step`` of the recipe's training stream: scenes rendered from ``data_seed``, in [-1, 1]."""
     start = step * recipe.batch_size
     images, _ = render_set(recipe.data_seed, range(start, start + recipe.batch_size), WorldConfig(recipe.resolution))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
@@ -121,7 +122,7 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     t0, losses = time.time(), []
     bar = tqdm(range(recipe.steps), desc="train pixel-ddpm", disable=not progress)
     for step in bar:
-        x0 = _batch(recipe, step)
+        x0 = training_batch(recipe, step)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
