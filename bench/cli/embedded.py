@@ -37,6 +37,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
     "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
     "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
+    # issue 15: edm (Chen 2023's noise scheduling at 32x32: the default schedule and the input-scaled one, b = 0.5)
+    "pixel-ddpm32": ("bench.recipes.noise_scheduling", "Recipe32", "pixel-ddpm32"),
+    "pixel-ddpm32-shifted": ("bench.recipes.noise_scheduling", "ShiftedRecipe32", "pixel-ddpm32-shifted"),
 }
 
 
