@@ -36,8 +36,8 @@ SHIFTED_INPUT_SCALE = 0.5
 
 @dataclass(frozen=True)
 class Recipe32(Recipe):
-    # `bench embedded train pixel-ddpm32 --steps 20 --out /tmp/x` took 13.7 s on the 2-core machine: 800 updates
-    # fit the ~10 minutes each model may take
+    # `bench embedded train pixel-ddpm32 --steps 20 --out /tmp/x` took 13.7 s on the 2-core machine, so 800 updates
+    # fit the ~10 minutes each model may take (the measured wall time of each: RECIPE.json beside its weights)
     steps: int = 800
     warmup_steps: int = 100
     ema_decay: float = 0.995  # a short run: an EMA that forgets the first updates
