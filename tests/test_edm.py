@@ -254,7 +254,8 @@ def test_input_scaling_with_variance_normalisation_is_the_trained_betas_schedule
     close(shifted.add_noise(x0, eps, t).double(), chen, rel=1e-4)  # float32 cumprod of 1000 trained betas
     snr = lambda a: a / (1 - a)  # noqa: E731
     shift = snr(shifted.alphas_cumprod.double()).log() - snr(default.alphas_cumprod.double()).log()
-    torch.testing.assert_close(shift, torch.full_like(shift, 2 * math.log(b)), rtol=0, atol=1e-3)
+    # float32 1 - alpha-bar near t = 0 (about 1e-4) limits the log-SNR to a few 1e-3
+    torch.testing.assert_close(shift, torch.full_like(shift, 2 * math.log(b)), rtol=0, atol=5e-3)
     torch.testing.assert_close(shifted.alphas_cumprod.double(), input_scaled_alphas_cumprod(default.alphas_cumprod, b),
                                rtol=1e-4, atol=1e-9)
 
