@@ -76,6 +76,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "guided-distillation": "methods.guided_distillation:GuidedDistillation",
     "lcm": "methods.lcm:LCM",
     "lcm-lora": "methods.lcm:LCMLoRA",
+    # issue 15: edm (Karras et al. 2022's sampler in full; Chen 2023's noise scheduling)
+    "edm": "methods.edm:EDM",
+    "noise-scheduling": "methods.noise_scheduling:NoiseScheduling",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -150,4 +153,7 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",
     "black-forest-labs/FLUX.1-schnell": "bench.models:flux1_schnell",
     "black-forest-labs/FLUX.1-dev": "bench.models:flux1_dev",
+    # issue 15: edm (Chen 2023's noise scheduling at 32x32)
+    "embedded-ddpm32": "bench.models:embedded_ddpm32",
+    "embedded-ddpm32-shifted": "bench.models:embedded_ddpm32_shifted",
 })

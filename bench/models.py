@@ -567,3 +567,15 @@ def load_model(name: str) -> DiffusionModel:
         loader = PIPELINE_LOADERS.get(pipeline_class(resolve_folder(name)) or "", load_pixel_diffusion)
         return loader(name)
     raise BenchError(MODELS.unknown_message(name) + "; or pass a save_pretrained folder or a hub id (org/name)")
+
+
+# issue 15: edm (Chen 2023's noise scheduling at 32x32; bench/recipes/noise_scheduling.py)
+def embedded_ddpm32() -> DiffusionModel:
+    """pixel DDPM of the 32x32 two-object world, the default linear schedule (Chen 2023's baseline; committed)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm32"), name="embedded-ddpm32", embedded=True)
+
+
+def embedded_ddpm32_shifted() -> DiffusionModel:
+    """the same, trained with Chen 2023's input scaling b = 0.5 (a trained_betas schedule; committed)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm32-shifted"), name="embedded-ddpm32-shifted",
+                                embedded=True)

@@ -47,7 +47,7 @@ TINY_UNET = dict(
 # NFE per --steps as the papers count it (never read from the loop): Heun (Karras et al. Algorithm 1) and
 # k-diffusion's DPM-Solver-2 take two evaluations per step except the last, an Euler step to sigma 0; PLMS
 # spends one extra on its pseudo improved Euler start; F-PNDM's 3 pseudo Runge-Kutta steps take 4 each.
-TWO_PER_STEP = ("heun", "kdpm2")
+TWO_PER_STEP = ("heun", "kdpm2", "edm")
 
 
 # the unconditional samplers: text-to-image and classifier-guided methods have contracts of their own (test_guidance.py)
@@ -97,6 +97,8 @@ def run(method, model, seeds, steps=STEPS):
 
 
 def scheduler_nfe(method, model, steps=STEPS) -> int:
+    if hasattr(method, "nfe"):  # an adapter with its own loop (edm: Algorithm 2) says what it spends
+        return method.nfe(steps)
     scheduler = method.make_scheduler(model)
     scheduler.set_timesteps(steps)
     return len(scheduler.timesteps)

@@ -41,6 +41,9 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "ncsn": ("bench.recipes.score_models", "NcsnRecipe", "ncsn"),
     "iddpm": ("bench.recipes.score_models", "IddpmRecipe", "iddpm"),
     "iddpm-linear": ("bench.recipes.score_models", "IddpmLinearRecipe", "iddpm-linear"),
+    # issue 15: edm (Chen 2023's noise scheduling at 32x32: the default schedule and the input-scaled one, b = 0.5)
+    "pixel-ddpm32": ("bench.recipes.noise_scheduling", "Recipe32", "pixel-ddpm32"),
+    "pixel-ddpm32-shifted": ("bench.recipes.noise_scheduling", "ShiftedRecipe32", "pixel-ddpm32-shifted"),
 }
 
 
