@@ -75,6 +75,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "guided-distillation": "methods.guided_distillation:GuidedDistillation",
     "lcm": "methods.lcm:LCM",
     "lcm-lora": "methods.lcm:LCMLoRA",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "latent-diffusion": "methods.latent_diffusion:LatentDiffusion",
+    "gddim": "methods.gddim:GDDIM",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -144,4 +147,8 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",
     "black-forest-labs/FLUX.1-schnell": "bench.models:flux1_schnell",
     "black-forest-labs/FLUX.1-dev": "bench.models:flux1_dev",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
+    "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
+    "embedded-cld": "bench.models:embedded_cld",
 })

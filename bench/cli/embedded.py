@@ -37,6 +37,10 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
     "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
     "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
+    "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
+    "cld": ("bench.recipes.cld", "Recipe", "cld"),
 }
 
 
