@@ -57,6 +57,7 @@ def test_pixel_model_loads_as_an_if_pipeline(tiny_if_dir, tiny_if):
     from diffusers import IFPipeline
 
     assert tiny_if.kind == "text-to-image-pixel" and tiny_if.vae is None
+    assert tiny_if.unet.config.out_channels == 6  # IF's layout: the noise, then the (here unused) variance half
     assert tiny_if.latent_shape == tiny_if.sample_shape == (3, 8, 8)
     assert isinstance(tiny_if.pipeline, IFPipeline)
     assert tiny_if.modules() == [tiny_if.unet, tiny_if.text_encoder]
@@ -98,6 +99,19 @@ def test_learned_variance_channels_are_left_out(tmp_path, tiny_if):
         model.unet.conv_out.bias[3:].add_(1.0)
     again, _ = generate(model, method("latent-diffusion", guidance=4.0))
     assert torch.allclose(six, again, atol=1e-6)
+
+
+def test_widened_unet_predicts_the_same_noise():
+    from bench.recipes.ldm import build_pixel_unet, with_variance_channels
+
+    torch.manual_seed(0)
+    unet = build_pixel_unet(TINY_PIXEL_UNET).eval()
+    wide = with_variance_channels(unet)
+    x, t, h = torch.randn(2, 3, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 16)
+    with torch.no_grad():
+        a, b = unet(x, t, encoder_hidden_states=h).sample, wide(x, t, encoder_hidden_states=h).sample
+    assert b.shape == (2, 6, 8, 8) and torch.equal(b[:, :3], a) and not b[:, 3:].any()
+    assert with_variance_channels(wide) is wide
 
 
 # -- equal compute ---------------------------------------------------------------------------------------------------------
@@ -144,8 +158,18 @@ def bad_run(args, tmp_path, monkeypatch, capsys):
     rc = main(["run", *args, "--num-samples", "128", "--steps", "3", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "mlflow.db").exists()
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not mlflow_runs(tmp_path)  # bad input is caught before an MLflow run exists
     return err
+
+
+def mlflow_runs(folder):
+    from mlflow.tracking import MlflowClient
+
+    if not (folder / "mlflow.db").exists():
+        return []
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
 
 
 def test_pixel_sampler_refuses_a_pixel_text_to_image_model(tiny_if_dir, tmp_path, monkeypatch, capsys):

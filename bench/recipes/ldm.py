@@ -167,11 +167,34 @@ def matched_steps(latent_flops_total: int, pixel_step_total: int) -> int:
 
 
 # -- the pipelines -------------------------------------------------------------------------------------------------------
+VARIANCE_NOTE = ("IF's layout: the UNet's conv_out widened from 3 to 6 channels, the second half (IF's learned variance) "
+                 "zero; the scheduler's fixed_small variances leave it unused (IFPipeline drops it, as the loop does)")
+
+
+@torch.no_grad()
+def with_variance_channels(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """The UNet with IF's output layout, 2C channels (the noise, then IF's learned-variance interpolation): the
+    trained noise head unchanged, the variance half zero. IFPipeline.__call__ splits every UNet output in two halves,
+    so a C-channel UNet does not run in it; with ``variance_type`` fixed_small it uses the first half only."""
+    c = unet.config.in_channels
+    if unet.config.out_channels == 2 * c:
+        return unet
+    wide = UNet2DConditionModel.from_config({**unet.config, "out_channels": 2 * c})
+    state = unet.state_dict()
+    for name in ("conv_out.weight", "conv_out.bias"):
+        w = state[name]
+        state[name] = torch.cat([w, torch.zeros_like(w)], dim=0)
+    wide.load_state_dict(state)
+    return wide.eval()
+
+
 def save_if_pipeline(out_dir: Path, text_encoder, unet, scheduler=None) -> Path:
-    """Write an ``IFPipeline`` folder (DeepFloyd IF's layout) with the CLIP tokenizer as vocab.json + merges.txt."""
+    """Write an ``IFPipeline`` folder (DeepFloyd IF's layout: ``with_variance_channels``) with the CLIP tokenizer as
+    vocab.json + merges.txt."""
     from diffusers import IFPipeline
 
     out_dir = Path(out_dir)
+    unet = with_variance_channels(unet)
     tok_dir = out_dir / "tokenizer"
     write_tokenizer_files(tok_dir)
     pipe = IFPipeline(tokenizer=load_tokenizer(tok_dir), text_encoder=text_encoder, unet=unet,
@@ -252,6 +275,7 @@ def train_pixel(out_dir: Path, recipe: PixelRecipe = PixelRecipe(), progress: bo
         "recipe": asdict(recipe),
         "parameters": {"unet": sum(p.numel() for p in unet.parameters()),
                        "text_encoder": sum(p.numel() for p in text_encoder.parameters())},
+        "saved_as": VARIANCE_NOTE,
         "training_flops": {"per_step": step_flops, "steps": recipe.steps, "total": step_flops["total"] * recipe.steps,
                            "matched_to_latent_total": latent_total,
                            "counted_by": "torch.utils.flop_counter.FlopCounterMode over one training step "
