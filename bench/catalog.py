@@ -79,6 +79,9 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     # issue 15: edm (Karras et al. 2022's sampler in full; Chen 2023's noise scheduling)
     "edm": "methods.edm:EDM",
     "noise-scheduling": "methods.noise_scheduling:NoiseScheduling",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "latent-diffusion": "methods.latent_diffusion:LatentDiffusion",
+    "gddim": "methods.gddim:GDDIM",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -156,4 +159,8 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     # issue 15: edm (Chen 2023's noise scheduling at 32x32)
     "embedded-ddpm32": "bench.models:embedded_ddpm32",
     "embedded-ddpm32-shifted": "bench.models:embedded_ddpm32_shifted",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
+    "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
+    "embedded-cld": "bench.models:embedded_cld",
 })

@@ -68,7 +68,8 @@ class DiffusionModel:
 class TextToImageModel(DiffusionModel):
     """A latent text-to-image model: the parts of a ``StableDiffusionPipeline`` (kind "text-to-image").
 
-    ``unet`` denoises latents of ``latent_shape``; ``sample_shape`` is the decoded image's.
+    ``unet`` denoises latents of ``latent_shape``; ``sample_shape`` is the decoded image's. A pixel-space model
+    (kind "text-to-image-pixel", an ``IFPipeline``) has no ``vae``: its ``latent_shape`` is ``sample_shape``.
     """
 
     vae: Any = None
@@ -78,7 +79,7 @@ class TextToImageModel(DiffusionModel):
     pipeline: Any = None  # the loaded pipeline object (its parts are the fields above)
 
     def modules(self) -> list[Any]:
-        return [self.unet, self.vae, self.text_encoder]
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]  # a pixel model has no VAE
 
 
 @dataclass

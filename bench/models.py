@@ -579,3 +579,118 @@ def embedded_ddpm32_shifted() -> DiffusionModel:
     """the same, trained with Chen 2023's input scaling b = 0.5 (a trained_betas schedule; committed)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm32-shifted"), name="embedded-ddpm32-shifted",
                                 embedded=True)
+
+
+# issue 15: ldm -- pixel-space text-to-image (DeepFloyd IF's IFPipeline layout) and the latent budget model --------
+PIXEL_T2I_KIND = "text-to-image-pixel"  # methods/text_to_image.py samples it without a VAE
+PIPELINE_WEIGHTS["IFPipeline"] = ("unet", "text_encoder")
+
+
+def load_pixel_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
+    """An ``IFPipeline`` folder or hub id (DeepFloyd IF's layout: a text-conditioned UNet2DConditionModel on pixels,
+    its text encoder and tokenizer, a DDPMScheduler; no VAE), loaded with ``from_pretrained`` in float32 (once per
+    process while its files are unchanged; each call gets its own copy: bench.reuse). Kind "text-to-image-pixel":
+    ``latent_shape`` is the pixels' shape and ``vae`` is None."""
+    folder = resolve_folder(source)
+    key = ("text-to-image-pixel", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_pixel_text_to_image(folder, source, name, embedded))
+
+
+def _load_pixel_text_to_image(folder: Path, source: str, name: str | None, embedded: bool) -> TextToImageModel:
+    if pipeline_class(folder) != "IFPipeline":
+        raise BenchError(f"{folder} is not an IFPipeline folder (model_index.json names {pipeline_class(folder)})")
+    files = _pipeline_files(folder, "IFPipeline")
+    from diffusers import IFPipeline  # lazy: see _load_text_to_image
+
+    pipe = _from_pretrained(IFPipeline, folder, source, name)
+    unet = pipe.unet
+    if unet.config.out_channels not in (unet.config.in_channels, 2 * unet.config.in_channels):
+        raise BenchError(f"{folder}/unet predicts {unet.config.out_channels} channels for {unet.config.in_channels} "
+                         f"input channels (expected the noise, or the noise and IF's learned variance)")
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scheduler_config = _scheduler_config(pipe)
+    return TextToImageModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config}),
+        kind=PIXEL_T2I_KIND,
+        unet=unet,
+        scheduler_config=scheduler_config,
+        sample_shape=(unet.config.in_channels, h, w),
+        embedded=embedded,
+        vae=None,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        latent_shape=(unet.config.in_channels, h, w),
+        pipeline=pipe,
+    )
+
+
+PIPELINE_LOADERS["IFPipeline"] = load_pixel_text_to_image
+
+
+def embedded_pixel_t2i() -> TextToImageModel:
+    """pixel-space text-to-image baseline of the shapes world (IFPipeline layout, 32x32 pixels, no VAE), trained at embedded-t2i-budget's FLOPs (Rombach et al. 2022's comparison)"""
+    return load_pixel_text_to_image(str(EMBEDDED_WEIGHTS / "pixel-t2i"), name="embedded-pixel-t2i", embedded=True)
+
+
+def embedded_t2i_budget() -> TextToImageModel:
+    """embedded-t2i's latent recipe at a small training budget, the latent side of the equal-FLOPs comparison (committed)"""
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i-budget"), name="embedded-t2i-budget", embedded=True)
+
+
+# issue 15: ldm -- critically-damped Langevin diffusion (no public diffusers format: a UNet2DModel folder + cld.json) --
+CLD_KIND = "cld"
+
+
+def load_cld(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
+    """A CLD model folder (Dockhorn et al. 2022): ``unet/`` (a diffusers UNet2DModel on u = (x, v), 2C channels in,
+    gDDIM's eps of both components out) and ``cld.json`` (the SDE's constants, bench/cld.py). No public diffusers
+    format exists for CLD. ``scheduler_config`` holds the constants (hashed with the weights)."""
+    folder = resolve_folder(source)
+    key = ("cld", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_cld(folder, source, name, embedded))
+
+
+def _load_cld(folder: Path, source: str, name: str | None, embedded: bool) -> DiffusionModel:
+    from bench.cld import CLD, CONFIG_FILE
+
+    unet_dir = folder / "unet"
+    config_file = folder / CONFIG_FILE
+    if not (unet_dir / "config.json").exists() or not config_file.exists():
+        raise BenchError(f"{folder} is not a CLD model folder (it needs unet/config.json and {CONFIG_FILE})")
+    weights = [p for p in unet_dir.iterdir() if p.suffix == ".safetensors"]
+    if not weights:
+        raise BenchError(f"no safetensors weights in {unet_dir} (nothing is unpickled)")
+    try:
+        cld = CLD.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise BenchError(f"{config_file} is not a valid CLD config: {_first_line(exc)}") from None
+    try:
+        with quiet_loading():
+            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
+    c_in, c_out = unet.config.in_channels, unet.config.out_channels
+    if c_in % 2 or c_out != c_in:
+        raise BenchError(f"{unet_dir}: a CLD UNet takes (x, v) and predicts eps of both: in_channels = out_channels "
+                         f"= 2 x the image's channels, not {c_in} -> {c_out}")
+    config = cld.to_dict()
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return DiffusionModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(weights + [config_file], extra={"unet": dict(unet.config), "cld": config}),
+        kind=CLD_KIND,
+        unet=unet.eval().requires_grad_(False),
+        scheduler_config=config,
+        sample_shape=(c_in // 2, h, w),
+        embedded=embedded,
+    )
+
+
+def embedded_cld() -> DiffusionModel:
+    """critically-damped Langevin diffusion of the shapes world (Dockhorn et al. 2022; 16x16, UNet on (x, v), hybrid score matching; committed)"""
+    return load_cld(str(EMBEDDED_WEIGHTS / "cld"), name="embedded-cld", embedded=True)
