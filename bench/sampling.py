@@ -99,9 +99,11 @@ def epsilon_part(scheduler, output: torch.Tensor, sample: torch.Tensor) -> torch
     prediction then the variance) keeps both halves only for a scheduler that uses learned variances (DDPMScheduler's
     "learned_range"); every other sampler gets the prediction, as diffusers' pipelines split it (DiTPipeline)."""
     channels = sample.shape[1]
-    if output.shape[1] == 2 * channels and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
-        return output[:, :channels]
-    return output
+    if output.shape[1] != 2 * channels:
+        return output
+    # a config entry the class does not take (from_config keeps it in the config) is not a learned variance
+    takes = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
+    return output if takes and scheduler.config.get("variance_type") in LEARNED_VARIANCES else output[:, :channels]
 
 
 def check_steps(model: Any, steps: int) -> None:

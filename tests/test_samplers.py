@@ -52,10 +52,11 @@ TWO_PER_STEP = ("heun", "kdpm2", "edm")
 
 # the unconditional samplers: text-to-image and classifier-guided methods have contracts of their own (test_guidance.py)
 # the solvers of any DDPM-family model; a few-step student's adapter samples its students alone (tests/test_distillation.py)
-# (improved-ddpm's default is a learned-variance model's own variances: tests/test_score_models.py)
+# (improved-ddpm's default is a learned-variance model's own variances: tests/test_score_models.py; samplers of other
+# kinds of model, CLD's gddim, the VE score samplers: their own test files)
 SAMPLERS = [n for n in METHODS.names()
             if METHODS.get(n).conditioning == "none" and not issubclass(METHODS.get(n), StudentMethod)
-            and n != "improved-ddpm"]
+            and "pixel-diffusion" in METHODS.get(n).model_kinds and n != "improved-ddpm"]
 
 
 def expected_nfe(name: str, args, steps: int) -> int:

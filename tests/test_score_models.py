@@ -171,7 +171,7 @@ def test_learned_variance_needs_a_model_that_learns_them(tmp_path):
 
 
 def test_bad_variance_is_refused():
-    with pytest.raises(ValueError, match="variance"):
+    with pytest.raises(BenchError, match="variance"):
         METHODS.get("improved-ddpm").parse_args({"variance": "learnt"})
 
 
