@@ -75,6 +75,10 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "guided-distillation": "methods.guided_distillation:GuidedDistillation",
     "lcm": "methods.lcm:LCM",
     "lcm-lora": "methods.lcm:LCMLoRA",
+    # issue 15: score-sde (Song et al. 2021's samplers, Song and Ermon 2019's annealed Langevin dynamics)
+    "probability-flow": "methods.probability_flow:ProbabilityFlow",
+    "score-sde": "methods.score_sde:ScoreSDE",
+    "ncsn": "methods.ncsn:NCSN",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -98,6 +102,8 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     # -- SDXL micro-conditioning (issue 16): crop -> cut-off objects, original size -> sharpness
     "cutoff": "metrics.microconditioning:Cutoff",
     "sharpness": "metrics.microconditioning:Sharpness",
+    # issue 15: score-sde (the likelihood through the probability-flow ODE)
+    "nll-bpd": "metrics.likelihood:NLLBitsPerDim",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={
