@@ -14,6 +14,7 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "ddpm": "methods.ddpm:DDPM",
     "ddim": "methods.ddim:DDIM",
     "pndm": "methods.pndm:PNDM",
+    "improved-ddpm": "methods.improved_ddpm:ImprovedDDPM",  # issue 15 (lead)
     "dpmsolver": "methods.dpm_solver:DPMSolver",
     "dpmsolver++": "methods.dpm_solver_pp:DPMSolverPP",
     "dpmsolver++-2s": "methods.dpm_solver_pp:DPMSolverPP2S",
@@ -75,6 +76,12 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "guided-distillation": "methods.guided_distillation:GuidedDistillation",
     "lcm": "methods.lcm:LCM",
     "lcm-lora": "methods.lcm:LCMLoRA",
+    # issue 15: edm (Karras et al. 2022's sampler in full; Chen 2023's noise scheduling)
+    "edm": "methods.edm:EDM",
+    "noise-scheduling": "methods.noise_scheduling:NoiseScheduling",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "latent-diffusion": "methods.latent_diffusion:LatentDiffusion",
+    "gddim": "methods.gddim:GDDIM",
     # issue 15: score-sde (Song et al. 2021's samplers, Song and Ermon 2019's annealed Langevin dynamics)
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
@@ -135,6 +142,11 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-pd-2": "bench.models:embedded_pd_2",
     "embedded-pd-1": "bench.models:embedded_pd_1",
     "embedded-cd": "bench.models:embedded_cd",
+    # issue 15 (lead): the score-based pixel variants
+    "embedded-ncsn": "bench.models:embedded_ncsn",
+    "embedded-iddpm": "bench.models:embedded_iddpm",
+    "embedded-iddpm-linear": "bench.models:embedded_iddpm_linear",
+    "google/ncsnpp-celebahq-256": "bench.models:ncsnpp_celebahq_256",
     "google/ddpm-cifar10-32": "bench.models:ddpm_cifar10",
     "openai/diffusers-cd_imagenet64_l2": "bench.models:cd_imagenet64_l2",
     "embedded-t2i": "bench.models:embedded_t2i",
@@ -150,4 +162,11 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "stabilityai/stable-diffusion-3-medium-diffusers": "bench.models:stable_diffusion_3_medium",
     "black-forest-labs/FLUX.1-schnell": "bench.models:flux1_schnell",
     "black-forest-labs/FLUX.1-dev": "bench.models:flux1_dev",
+    # issue 15: edm (Chen 2023's noise scheduling at 32x32)
+    "embedded-ddpm32": "bench.models:embedded_ddpm32",
+    "embedded-ddpm32-shifted": "bench.models:embedded_ddpm32_shifted",
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
+    "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
+    "embedded-cld": "bench.models:embedded_cld",
 })

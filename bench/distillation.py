@@ -97,6 +97,62 @@ class Schedule:
         return ((a.sqrt() * x.double() - x0.double()) / (1 - a).sqrt()).to(x.dtype)
 
 
+class VPDenoiser:
+    """An epsilon-parameterised VP model as a denoiser on the sigma scale (Karras et al. 2022, section 2 and
+    appendix C.2): D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), with t(sigma) the fractional
+    timestep whose sigma_t = sqrt((1 - alpha-bar) / alpha-bar) is sigma, linear in log sigma between the table's
+    entries (k-diffusion's DiscreteEpsDDPMDenoiser; diffusers' ``_sigma_to_t``). A sigma outside the table's range
+    takes its end's timestep. ``eps(x, t)``: the network's output at input x and (fractional) timesteps t: epsilon,
+    or where ``prediction_type`` says so v (D = (x_in - sigma v) / sqrt(1 + sigma^2)) or x0 (D = the output).
+
+    Used by the consistency-distillation recipe (the teacher's ODE) and the edm sampler (methods/edm.py)."""
+
+    def __init__(self, eps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], alphas_cumprod: torch.Tensor,
+                 prediction_type: str = "epsilon"):
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        self.eps = eps
+        self.prediction_type = prediction_type
+        self.sigmas = ((1 - alphas_cumprod.double()) / alphas_cumprod.double()).sqrt()  # ascending in t
+        self.log_sigmas = self.sigmas.log().float()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def t_of(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional timesteps whose sigma is ``sigma`` (linear in log sigma between the table's entries)."""
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        idx = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
+        low, high = self.log_sigmas[idx - 1], self.log_sigmas[idx]
+        w = (log_sigma - low) / (high - low)
+        return (idx - 1).float() + w
+
+    def sigma_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``t_of``: sigma at fractional timesteps ``t`` (log sigma linear between entries), float64."""
+        t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(self.sigmas) - 1)
+        low = t.floor().long().clamp(max=len(self.sigmas) - 2)
+        w = t - low
+        log = self.sigmas.log()
+        return ((1 - w) * log[low] + w * log[low + 1]).exp()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma)
+        s = sigma.reshape(-1, 1, 1, 1).to(x.device, x.dtype)
+        x_in = x / (1 + s**2).sqrt()
+        out = self.eps(x_in, self.t_of(sigma).reshape(-1).to(x.device))
+        if self.prediction_type == "v_prediction":
+            return (x_in - s * out) / (1 + s**2).sqrt()
+        if self.prediction_type == "sample":
+            return out
+        return x - s * out
+
+
 def _col(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(-1, *([1] * (like.dim() - 1)))
 

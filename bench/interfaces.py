@@ -68,7 +68,8 @@ class DiffusionModel:
 class TextToImageModel(DiffusionModel):
     """A latent text-to-image model: the parts of a ``StableDiffusionPipeline`` (kind "text-to-image").
 
-    ``unet`` denoises latents of ``latent_shape``; ``sample_shape`` is the decoded image's.
+    ``unet`` denoises latents of ``latent_shape``; ``sample_shape`` is the decoded image's. A pixel-space model
+    (kind "text-to-image-pixel", an ``IFPipeline``) has no ``vae``: its ``latent_shape`` is ``sample_shape``.
     """
 
     vae: Any = None
@@ -78,7 +79,7 @@ class TextToImageModel(DiffusionModel):
     pipeline: Any = None  # the loaded pipeline object (its parts are the fields above)
 
     def modules(self) -> list[Any]:
-        return [self.unet, self.vae, self.text_encoder]
+        return [m for m in (self.unet, self.vae, self.text_encoder) if m is not None]  # a pixel model has no VAE
 
 
 @dataclass
@@ -263,6 +264,10 @@ class Method(ABC):
             if model.kind == "consistency":
                 raise BenchError(f"method {self.name!r} samples DDPM-family models; {model.name!r} is a consistency "
                                  f"model (CMStochasticIterativeScheduler sigmas): sample it with --method consistency")
+            if model.kind == "score-ve":
+                raise BenchError(f"method {self.name!r} samples DDPM-family models; {model.name!r} is a variance-"
+                                 f"exploding score model (ScoreSdeVeScheduler sigmas): sample it with --method "
+                                 f"score-sde, ncsn or probability-flow")
             raise BenchError(
                 f"method {self.name!r} needs a model of kind {' or '.join(self.model_kinds)}, "
                 f"but {model.name!r} is {model.kind}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, UNet2DModel
+from diffusers import CMStochasticIterativeScheduler, DDPMScheduler, ScoreSdeVeScheduler, UNet2DModel
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import snapshot_download
 
@@ -109,6 +109,12 @@ def read_student(folder: Path) -> dict[str, Any] | None:
     return card
 
 
+# the pixel model kinds a scheduler config's _class_name names (any other: a DDPM-family epsilon / v model)
+PIXEL_KINDS = {"CMStochasticIterativeScheduler": "consistency", "ScoreSdeVeScheduler": "score-ve"}
+SCHEDULER_OF_KIND = {"pixel-diffusion": DDPMScheduler, "consistency": CMStochasticIterativeScheduler,
+                     "score-ve": ScoreSdeVeScheduler}
+
+
 def load_pixel_diffusion(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
     """A ``UNet2DModel`` and its DDPM training schedule from a hub id or a folder, in either layout (loaded once
     per process while its files are unchanged; each call gets its own copy: bench.reuse)."""
@@ -139,9 +145,10 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         with quiet_loading():
             unet = UNet2DModel.from_pretrained(unet_dir,
                                                use_safetensors=any(p.suffix == ".safetensors" for p in weights))
-        # a consistency model (Song et al. 2023; openai/diffusers-cd_imagenet64_l2's layout) keeps its sigma grid
-        consistency = sched_config.get("_class_name") == "CMStochasticIterativeScheduler"
-        scheduler = (CMStochasticIterativeScheduler if consistency else DDPMScheduler).from_config(sched_config)
+        # a consistency model (Song et al. 2023; openai/diffusers-cd_imagenet64_l2's layout) keeps its sigma grid; a
+        # variance-exploding score model (Song et al. 2021; google/ncsnpp-*'s ScoreSdeVePipeline layout) its sigmas
+        kind = PIXEL_KINDS.get(sched_config.get("_class_name"), "pixel-diffusion")
+        scheduler = SCHEDULER_OF_KIND[kind].from_config(sched_config)
     except Exception as exc:
         raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
     config = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
@@ -154,10 +161,10 @@ def _load_pixel_diffusion(folder: Path, source: str, name: str | None, embedded:
         digest=file_digest(weights + ([folder / STUDENT_FILE] if student else []),
                            extra={"unet": dict(unet.config), "scheduler": config}),
         extra={"distillation": student} if student else {},
-        kind="consistency" if consistency else "pixel-diffusion",
+        kind=kind,
         unet=unet.eval().requires_grad_(False),
         scheduler_config=config,
-        sample_shape=(unet.config.out_channels, h, w),
+        sample_shape=(unet.config.in_channels, h, w),  # out_channels is twice that where variances are learned
         embedded=embedded,
     )
 
@@ -195,6 +202,26 @@ def embedded_pd_1() -> DiffusionModel:
 def embedded_cd() -> DiffusionModel:
     """the pixel DDPM's consistency-distilled student (Song et al. 2023; ConsistencyModelPipeline layout; committed)"""
     return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "consistency-distillation"), name="embedded-cd", embedded=True)
+
+
+def embedded_ncsn() -> DiffusionModel:
+    """variance-exploding score model of the shapes world (16x16, Fourier sigma features; ScoreSdeVePipeline layout)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "ncsn"), name="embedded-ncsn", embedded=True)
+
+
+def embedded_iddpm() -> DiffusionModel:
+    """Improved DDPM of the shapes world: cosine schedule, learned variances, hybrid loss (Nichol and Dhariwal 2021)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "iddpm"), name="embedded-iddpm", embedded=True)
+
+
+def embedded_iddpm_linear() -> DiffusionModel:
+    """embedded-iddpm's twin with the linear schedule (learned variances, hybrid loss, the same budget)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "iddpm-linear"), name="embedded-iddpm-linear", embedded=True)
+
+
+def ncsnpp_celebahq_256() -> DiffusionModel:
+    """Song et al.'s NCSN++ (VE SDE) on CelebA-HQ 256, ScoreSdeVePipeline; needs the download"""
+    return load_pixel_diffusion("google/ncsnpp-celebahq-256", name="google/ncsnpp-celebahq-256")
 
 
 def cd_imagenet64_l2() -> DiffusionModel:
@@ -540,3 +567,130 @@ def load_model(name: str) -> DiffusionModel:
         loader = PIPELINE_LOADERS.get(pipeline_class(resolve_folder(name)) or "", load_pixel_diffusion)
         return loader(name)
     raise BenchError(MODELS.unknown_message(name) + "; or pass a save_pretrained folder or a hub id (org/name)")
+
+
+# issue 15: edm (Chen 2023's noise scheduling at 32x32; bench/recipes/noise_scheduling.py)
+def embedded_ddpm32() -> DiffusionModel:
+    """pixel DDPM of the 32x32 two-object world, the default linear schedule (Chen 2023's baseline; committed)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm32"), name="embedded-ddpm32", embedded=True)
+
+
+def embedded_ddpm32_shifted() -> DiffusionModel:
+    """the same, trained with Chen 2023's input scaling b = 0.5 (a trained_betas schedule; committed)"""
+    return load_pixel_diffusion(str(EMBEDDED_WEIGHTS / "pixel-ddpm32-shifted"), name="embedded-ddpm32-shifted",
+                                embedded=True)
+
+
+# issue 15: ldm -- pixel-space text-to-image (DeepFloyd IF's IFPipeline layout) and the latent budget model --------
+PIXEL_T2I_KIND = "text-to-image-pixel"  # methods/text_to_image.py samples it without a VAE
+PIPELINE_WEIGHTS["IFPipeline"] = ("unet", "text_encoder")
+
+
+def load_pixel_text_to_image(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
+    """An ``IFPipeline`` folder or hub id (DeepFloyd IF's layout: a text-conditioned UNet2DConditionModel on pixels,
+    its text encoder and tokenizer, a DDPMScheduler; no VAE), loaded with ``from_pretrained`` in float32 (once per
+    process while its files are unchanged; each call gets its own copy: bench.reuse). Kind "text-to-image-pixel":
+    ``latent_shape`` is the pixels' shape and ``vae`` is None."""
+    folder = resolve_folder(source)
+    key = ("text-to-image-pixel", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_pixel_text_to_image(folder, source, name, embedded))
+
+
+def _load_pixel_text_to_image(folder: Path, source: str, name: str | None, embedded: bool) -> TextToImageModel:
+    if pipeline_class(folder) != "IFPipeline":
+        raise BenchError(f"{folder} is not an IFPipeline folder (model_index.json names {pipeline_class(folder)})")
+    files = _pipeline_files(folder, "IFPipeline")
+    from diffusers import IFPipeline  # lazy: see _load_text_to_image
+
+    pipe = _from_pretrained(IFPipeline, folder, source, name)
+    unet = pipe.unet
+    if unet.config.out_channels not in (unet.config.in_channels, 2 * unet.config.in_channels):
+        raise BenchError(f"{folder}/unet predicts {unet.config.out_channels} channels for {unet.config.in_channels} "
+                         f"input channels (expected the noise, or the noise and IF's learned variance)")
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    scheduler_config = _scheduler_config(pipe)
+    return TextToImageModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config}),
+        kind=PIXEL_T2I_KIND,
+        unet=unet,
+        scheduler_config=scheduler_config,
+        sample_shape=(unet.config.in_channels, h, w),
+        embedded=embedded,
+        vae=None,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        latent_shape=(unet.config.in_channels, h, w),
+        pipeline=pipe,
+    )
+
+
+PIPELINE_LOADERS["IFPipeline"] = load_pixel_text_to_image
+
+
+def embedded_pixel_t2i() -> TextToImageModel:
+    """pixel-space text-to-image baseline of the shapes world (IFPipeline layout, 32x32 pixels, no VAE), trained at embedded-t2i-budget's FLOPs (Rombach et al. 2022's comparison)"""
+    return load_pixel_text_to_image(str(EMBEDDED_WEIGHTS / "pixel-t2i"), name="embedded-pixel-t2i", embedded=True)
+
+
+def embedded_t2i_budget() -> TextToImageModel:
+    """embedded-t2i's latent recipe at a small training budget, the latent side of the equal-FLOPs comparison (committed)"""
+    return load_text_to_image(str(EMBEDDED_WEIGHTS / "t2i-budget"), name="embedded-t2i-budget", embedded=True)
+
+
+# issue 15: ldm -- critically-damped Langevin diffusion (no public diffusers format: a UNet2DModel folder + cld.json) --
+CLD_KIND = "cld"
+
+
+def load_cld(source: str, name: str | None = None, embedded: bool = False) -> DiffusionModel:
+    """A CLD model folder (Dockhorn et al. 2022): ``unet/`` (a diffusers UNet2DModel on u = (x, v), 2C channels in,
+    gDDIM's eps of both components out) and ``cld.json`` (the SDE's constants, bench/cld.py). No public diffusers
+    format exists for CLD. ``scheduler_config`` holds the constants (hashed with the weights)."""
+    folder = resolve_folder(source)
+    key = ("cld", str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_cld(folder, source, name, embedded))
+
+
+def _load_cld(folder: Path, source: str, name: str | None, embedded: bool) -> DiffusionModel:
+    from bench.cld import CLD, CONFIG_FILE
+
+    unet_dir = folder / "unet"
+    config_file = folder / CONFIG_FILE
+    if not (unet_dir / "config.json").exists() or not config_file.exists():
+        raise BenchError(f"{folder} is not a CLD model folder (it needs unet/config.json and {CONFIG_FILE})")
+    weights = [p for p in unet_dir.iterdir() if p.suffix == ".safetensors"]
+    if not weights:
+        raise BenchError(f"no safetensors weights in {unet_dir} (nothing is unpickled)")
+    try:
+        cld = CLD.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise BenchError(f"{config_file} is not a valid CLD config: {_first_line(exc)}") from None
+    try:
+        with quiet_loading():
+            unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True)
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {unet_dir}: {_first_line(exc)}") from None
+    c_in, c_out = unet.config.in_channels, unet.config.out_channels
+    if c_in % 2 or c_out != c_in:
+        raise BenchError(f"{unet_dir}: a CLD UNet takes (x, v) and predicts eps of both: in_channels = out_channels "
+                         f"= 2 x the image's channels, not {c_in} -> {c_out}")
+    config = cld.to_dict()
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return DiffusionModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(weights + [config_file], extra={"unet": dict(unet.config), "cld": config}),
+        kind=CLD_KIND,
+        unet=unet.eval().requires_grad_(False),
+        scheduler_config=config,
+        sample_shape=(c_in // 2, h, w),
+        embedded=embedded,
+    )
+
+
+def embedded_cld() -> DiffusionModel:
+    """critically-damped Langevin diffusion of the shapes world (Dockhorn et al. 2022; 16x16, UNet on (x, v), hybrid score matching; committed)"""
+    return load_cld(str(EMBEDDED_WEIGHTS / "cld"), name="embedded-cld", embedded=True)

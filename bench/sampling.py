@@ -91,6 +91,19 @@ def resolved_config(scheduler, class_name: str) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("_diffusers_version", "_use_default_values")}
 
 
+LEARNED_VARIANCES = ("learned", "learned_range")
+
+
+def epsilon_part(scheduler, output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """A model output as ``scheduler`` reads it: a learned-variance model (Nichol and Dhariwal 2021: 2C channels, the
+    prediction then the variance) keeps both halves only for a scheduler that uses learned variances (DDPMScheduler's
+    "learned_range"); every other sampler gets the prediction, as diffusers' pipelines split it (DiTPipeline)."""
+    channels = sample.shape[1]
+    if output.shape[1] == 2 * channels and scheduler.config.get("variance_type") not in LEARNED_VARIANCES:
+        return output[:, :channels]
+    return output
+
+
 def check_steps(model: Any, steps: int) -> None:
     train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
     if steps > train_steps:

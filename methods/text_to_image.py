@@ -21,6 +21,12 @@ Meng et al. 2023, Luo et al. 2023) gets it as the pipelines give it, ``timestep_
 one forward pass per step (no unconditional branch), as StableDiffusionPipeline and LatentConsistencyModelPipeline
 do.
 
+A pixel-space model (kind "text-to-image-pixel": an ``IFPipeline`` folder, DeepFloyd IF's layout; the embedded
+pixel baseline of Rombach et al. 2022's comparison) goes through the same loop on pixels: its prompts encoded by
+``IFPipeline.encode_prompt`` (the empty prompt as the unconditional branch, no caption cleaning), the initial noise of
+the pixels' shape, no VAE decode; where its UNet also predicts IF's learned variance (twice the channels), the
+samplers here take the noise, its first half, as IF's pipeline does for them.
+
 Guidance scale convention: diffusers' ``guidance_scale`` s (1 = no guidance),
 ``eps = eps_u + s (eps_c - eps_u)``; Ho and Salimans write the same with
 ``w = s - 1``: ``eps = (1 + w) eps_c - w eps_u``.
@@ -40,6 +46,7 @@ from bench.interfaces import Batch, DiffusionModel, TextToImageMethod
 from bench.validate import check_choice, check_option
 
 SDXL_KIND = "text-to-image-xl"
+PIXEL_T2I_KIND = "text-to-image-pixel"  # bench.models.load_pixel_text_to_image: IFPipeline folders, no VAE
 
 SCHEDULERS = {  # --scheduler: the diffusers class configured from the model's training schedule
     "ddim": "DDIMScheduler",
@@ -172,7 +179,11 @@ class LatentTextToImage(TextToImageMethod):
 
     def encode(self, model: DiffusionModel, prompts: Sequence[str], guided: bool, device) -> torch.Tensor:
         """[uncond; cond] text embeddings (cond only when unguided), by the pipeline's own ``encode_prompt``."""
-        cond, uncond = model.pipeline.encode_prompt(list(prompts), device, 1, guided, None)
+        if model.kind == PIXEL_T2I_KIND:  # IFPipeline's signature; captions are used as given (no bs4/ftfy cleaning)
+            cond, uncond = model.pipeline.encode_prompt(list(prompts), do_classifier_free_guidance=guided,
+                                                        num_images_per_prompt=1, device=device, clean_caption=False)
+        else:
+            cond, uncond = model.pipeline.encode_prompt(list(prompts), device, 1, guided, None)
         return torch.cat([uncond, cond]) if guided else cond
 
     def unet_conditioning(self, model: DiffusionModel, prompts: Sequence[str], guided: bool, device,
@@ -203,10 +214,12 @@ class LatentTextToImage(TextToImageMethod):
 
         def predict(x: torch.Tensor, t, k: int) -> torch.Tensor:
             x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-            eps = denoiser(x_in, t, **context)
+            eps = denoiser(x_in, t, **context)[:, : x.shape[1]]  # IF's learned variance, where predicted, is not used
             return self.combine(*eps.chunk(2)) if guided else eps
 
         with self.unet_context(model):
             x = sampling.denoise(scheduler, x, predict, step_kwargs=sampling.step_kwargs_for(scheduler, gens)).x
+        if model.vae is None:  # a pixel-space model: the loop's x is the image
+            return x.float().clamp(-1, 1)
         images = model.vae.decode(x / model.vae.config.scaling_factor).sample
         return images.float().clamp(-1, 1)

@@ -153,7 +153,7 @@ def test_the_recipes_consistency_function_is_what_the_sampler_denoises_with(cm):
 
 
 def test_the_teacher_as_a_sigma_denoiser_hits_its_integer_timesteps():
-    from bench.recipes.distill import VPDenoiser
+    from bench.distillation import VPDenoiser
 
     ac = Schedule.from_config(SCHEDULER_CONFIG).alphas_cumprod
     den = VPDenoiser(None, ac)

@@ -47,13 +47,15 @@ TINY_UNET = dict(
 # NFE per --steps as the papers count it (never read from the loop): Heun (Karras et al. Algorithm 1) and
 # k-diffusion's DPM-Solver-2 take two evaluations per step except the last, an Euler step to sigma 0; PLMS
 # spends one extra on its pseudo improved Euler start; F-PNDM's 3 pseudo Runge-Kutta steps take 4 each.
-TWO_PER_STEP = ("heun", "kdpm2")
+TWO_PER_STEP = ("heun", "kdpm2", "edm")
 
 
 # the unconditional samplers: text-to-image and classifier-guided methods have contracts of their own (test_guidance.py)
 # the solvers of any DDPM-family model; a few-step student's adapter samples its students alone (tests/test_distillation.py)
+# (improved-ddpm's default is a learned-variance model's own variances: tests/test_score_models.py)
 SAMPLERS = [n for n in METHODS.names()
-            if METHODS.get(n).conditioning == "none" and not issubclass(METHODS.get(n), StudentMethod)]
+            if METHODS.get(n).conditioning == "none" and not issubclass(METHODS.get(n), StudentMethod)
+            and n != "improved-ddpm"]
 
 
 def expected_nfe(name: str, args, steps: int) -> int:
@@ -100,6 +102,8 @@ def run(method, model, seeds, steps=STEPS):
 
 
 def scheduler_nfe(method, model, steps=STEPS) -> int:
+    if hasattr(method, "nfe"):  # an adapter with its own loop (edm: Algorithm 2) says what it spends
+        return method.nfe(steps)
     scheduler = method.make_scheduler(model)
     scheduler.set_timesteps(steps)
     return len(scheduler.timesteps)

@@ -37,6 +37,17 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     # -- few-step students (issue 14): latent consistency distillation of embedded-t2i (Luo et al. 2023)
     "lcm": ("bench.recipes.lcm", "Recipe", "lcm"),
     "lcm-lora": ("bench.recipes.lcm", "LoraRecipe", "lcm-lora"),
+    # issue 15: score-based pixel variants (NCSN / Score-SDE VE; Improved DDPM's learned variances and schedules)
+    "ncsn": ("bench.recipes.score_models", "NcsnRecipe", "ncsn"),
+    "iddpm": ("bench.recipes.score_models", "IddpmRecipe", "iddpm"),
+    "iddpm-linear": ("bench.recipes.score_models", "IddpmLinearRecipe", "iddpm-linear"),
+    # issue 15: edm (Chen 2023's noise scheduling at 32x32: the default schedule and the input-scaled one, b = 0.5)
+    "pixel-ddpm32": ("bench.recipes.noise_scheduling", "Recipe32", "pixel-ddpm32"),
+    "pixel-ddpm32-shifted": ("bench.recipes.noise_scheduling", "ShiftedRecipe32", "pixel-ddpm32-shifted"),
+    # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
+    "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
+    "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
+    "cld": ("bench.recipes.cld", "Recipe", "cld"),
 }
 
 

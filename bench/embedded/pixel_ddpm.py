@@ -91,22 +91,49 @@ def build_unet():
     return UNet2DModel(**UNET_CONFIG)
 
 
+def input_scaled_alphas_cumprod(alphas_cumprod: torch.Tensor, b: float) -> torch.Tensor:
+    """Chen 2023 ("On the Importance of Noise Scheduling for Diffusion Models", arXiv 2301.10972, section 2.2):
+    scaling the data by ``b`` in x_t = sqrt(gamma) b x_0 + sqrt(1 - gamma) eps and normalising x_t to unit
+    variance (divided by sqrt(b^2 gamma + 1 - gamma)) is the standard process with gamma' = b^2 gamma / (b^2 gamma
+    + 1 - gamma): the same eps, log-SNR shifted by 2 log b. float64."""
+    g = alphas_cumprod.double()
+    return b * b * g / (b * b * g + 1 - g)
+
+
+def input_scaled_betas(config: dict, b: float) -> list[float]:
+    """The betas of ``config``'s schedule with Chen's input scaling ``b``, for a scheduler's ``trained_betas``
+    (a standard DDPMPipeline folder that every sampler reads)."""
+    g = input_scaled_alphas_cumprod(DDPMScheduler(**config).alphas_cumprod, b)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), g[:-1]])
+    return (1 - g / prev).tolist()
+
+
 def build_scheduler(variant: str = "standard"):
     return DDPMScheduler(**VARIANTS[variant])
 
 
-def _batch(recipe: Recipe, step: int) -> torch.Tensor:
+def training_batch(recipe, step: int, world: WorldConfig | None = None) -> torch.Tensor:
+    """Batch ``step`` of the recipe's training stream: scenes rendered from ``data_seed``, in [-1, 1]."""
     start = step * recipe.batch_size
-    images, _ = render_set(recipe.data_seed, range(start, start + recipe.batch_size), WorldConfig(recipe.resolution))
+    world = world or WorldConfig(recipe.resolution)
+    images, _ = render_set(recipe.data_seed, range(start, start + recipe.batch_size), world)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 
 def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> dict:
     """Train from ``recipe`` and save a DDPMPipeline folder to ``out_dir``. Returns the recipe record."""
+    name = "pixel-ddpm" if recipe.variant == "standard" else "pixel-ddpm-zsnr"
+    return fit(out_dir, recipe, build_unet, lambda: build_scheduler(recipe.variant), name, progress=progress)
+
+
+def fit(out_dir: Path, recipe: Recipe, make_unet, make_scheduler, name: str, world: WorldConfig | None = None,
+        progress: bool = True) -> dict:
+    """The training loop of every embedded pixel DDPM: epsilon (or v) regression on ``make_scheduler()``'s
+    ``add_noise``, AdamW with warm-up and cosine decay, EMA; saves a DDPMPipeline folder and RECIPE.json."""
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
-    unet, scheduler = build_unet(), build_scheduler(recipe.variant)
+    unet, scheduler = make_unet(), make_scheduler()
     ema = EMAModel(unet.parameters(), decay=recipe.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.0)
 
@@ -119,9 +146,9 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     gen = torch.Generator().manual_seed(recipe.seed)
     t0, losses = time.time(), []
-    bar = tqdm(range(recipe.steps), desc="train pixel-ddpm", disable=not progress)
+    bar = tqdm(range(recipe.steps), desc=f"train {name}", disable=not progress)
     for step in bar:
-        x0 = _batch(recipe, step)
+        x0 = training_batch(recipe, step, world)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
@@ -141,8 +168,8 @@ def train(out_dir: Path, recipe: Recipe = Recipe(), progress: bool = True) -> di
     out_dir = Path(out_dir)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
     record = {
-        "model": "pixel-ddpm" if recipe.variant == "standard" else "pixel-ddpm-zsnr",
-        "command": f"bench embedded train {'pixel-ddpm' if recipe.variant == 'standard' else 'pixel-ddpm-zsnr'}",
+        "model": name,
+        "command": f"bench embedded train {name}",
         "recipe": asdict(recipe),
         "parameters": sum(p.numel() for p in unet.parameters()),
         "wall_time_s": round(wall, 1),

@@ -22,7 +22,7 @@ layout of openai/diffusers-cd_imagenet64_l2.
 The pixel teacher is epsilon-parameterised on the VP schedule; as a denoiser on the sigma scale (Karras et al.
 2022, section 2 and appendix C) D(x, sigma) = x - sigma eps(x / sqrt(1 + sigma^2), t(sigma)), with t(sigma) the
 fractional timestep whose sigma_t = sqrt((1 - alpha-bar) / alpha-bar) is sigma (interpolated in log sigma as
-k-diffusion's DiscreteEpsDDPMDenoiser does).
+k-diffusion's DiscreteEpsDDPMDenoiser does; bench.distillation.VPDenoiser, which the edm sampler uses too).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, DDIMScheduler, DDPMPipeline
 from tqdm.auto import tqdm
 
-from bench.distillation import Schedule, distillation_target, step_timesteps
+from bench.distillation import Schedule, VPDenoiser, distillation_target, step_timesteps
 from bench.embedded.pixel_ddpm import TRAIN_SEED
 from bench.embedded.shapes import WorldConfig, render_set
 from bench.models import EMBEDDED_WEIGHTS, STUDENT_FILE, load_pixel_diffusion
@@ -166,28 +166,6 @@ def train_progressive(out_dir: Path, recipe: PDRecipe = PDRecipe(), progress: bo
 
 
 # -- consistency distillation ------------------------------------------------------------------------------------------
-class VPDenoiser:
-    """The epsilon-parameterised VP teacher as a denoiser on the sigma scale: D(x, sigma) = x - sigma eps."""
-
-    def __init__(self, unet, alphas_cumprod: torch.Tensor):
-        self.unet = unet
-        self.log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log().float()
-
-    def t_of(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional timesteps whose sigma is ``sigma`` (linear in log sigma between the table's entries)."""
-        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
-        idx = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, len(self.log_sigmas) - 1)
-        low, high = self.log_sigmas[idx - 1], self.log_sigmas[idx]
-        w = (log_sigma - low) / (high - low)
-        return (idx - 1).float() + w
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        s = sigma.reshape(-1, 1, 1, 1)
-        eps = self.unet(x / (1 + s**2).sqrt(), self.t_of(sigma)).sample
-        return x - s * eps
-
-
 def consistency_function(unet, scheduler: CMStochasticIterativeScheduler, x: torch.Tensor,
                          sigma: torch.Tensor) -> torch.Tensor:
     """f(x, sigma) = c_skip x + c_out F(c_in x, 250 log sigma), the conditioning ConsistencyModelPipeline samples
@@ -207,7 +185,9 @@ def train_consistency(out_dir: Path, recipe: CDRecipe = CDRecipe(), progress: bo
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     teacher_model = _teacher()
-    teacher = VPDenoiser(teacher_model.unet.eval(), Schedule.from_config(teacher_model.scheduler_config).alphas_cumprod)
+    unet = teacher_model.unet.eval()
+    teacher = VPDenoiser(lambda x, t: unet(x, t).sample,
+                         Schedule.from_config(teacher_model.scheduler_config).alphas_cumprod)
     scheduler = CMStochasticIterativeScheduler(num_train_timesteps=recipe.grid, sigma_min=recipe.sigma_min,
                                                sigma_max=recipe.sigma_max, sigma_data=recipe.sigma_data,
                                                rho=recipe.rho)
