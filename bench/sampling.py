@@ -174,7 +174,8 @@ def denoise(scheduler, x: torch.Tensor, predict: Callable[[torch.Tensor, Any, in
             step: Callable[[torch.Tensor, Any, torch.Tensor, int], tuple[torch.Tensor, Any]] | None = None,
             callback: Callable[[int, Any, torch.Tensor], torch.Tensor] | None = None,
             record: bool = False) -> Sampled:
-    """The loop: for each timestep, ``predict(x, t, k)`` (the model output, guidance applied), the scheduler's step
+    """The loop: for each timestep, ``predict(x, t, k)`` (the model output, guidance applied; of a learned-variance
+    model the prediction half unless the scheduler reads the variances: ``epsilon_part``), the scheduler's step
     (or ``step(out, t, x, k) -> (prev, log_prob)``), then ``callback(k, t, x)`` (may return a changed latent).
 
     ``record``: keep every latent (x_T first); log-probs are kept where ``step`` returns them.
@@ -183,7 +184,7 @@ def denoise(scheduler, x: torch.Tensor, predict: Callable[[torch.Tensor, Any, in
     latents = [x] if record else None
     log_probs: list[torch.Tensor] = []
     for k, t in enumerate(scheduler.timesteps if timesteps is None else timesteps):
-        out = predict(x, t, k)
+        out = epsilon_part(scheduler, predict(x, t, k), x)
         if step is None:
             x = scheduler.step(out, t, x, **kwargs).prev_sample
         else:

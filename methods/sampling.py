@@ -151,7 +151,6 @@ class SchedulerSampler(Method):
         param = next(model.unet.parameters())
         gens = sampling.generators(batch.seeds)
         x = sampling.initial_noise(gens, model.sample_shape, scheduler, param)
-        out = sampling.denoise(scheduler, x, lambda x, t, k: sampling.epsilon_part(
-                                   scheduler, denoiser(scheduler.scale_model_input(x, t), t), x),
+        out = sampling.denoise(scheduler, x, lambda x, t, k: denoiser(scheduler.scale_model_input(x, t), t),
                                step_kwargs=sampling.step_kwargs_for(scheduler, gens, self.step_kwargs()))
         return out.x.float()

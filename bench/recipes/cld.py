@@ -38,7 +38,7 @@ TIMESTEP_SCALE = 999.0  # the UNet's timestep input for continuous t (embedded-d
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 100
