@@ -73,7 +73,8 @@ class ProbabilityFlow(Method):
                ("ddpm 1000", pixel("ddpm", 1000, quick_seeds=(0,)))), "at-most", margin=0.25, relative=True,
               note="does not hold at --quick size (128 samples, one seed; the values: `bench claims --method "
               "probability-flow --quick`): the ODE's samples of the 5000-update embedded model are worse than "
-              "ancestral sampling's (likely: an ODE keeps the model's errors, which fresh noise corrects; Karras et al. 2022, section 4); "
+              "ancestral sampling's (likely: an ODE keeps the model's errors, which fresh noise corrects; Karras "
+              "et al. 2022, section 4); "
               "full size not measured yet"),
         Claim("far-fewer-nfe", "the adaptive ODE solver spends far fewer network evaluations than ancestral "
               "sampling's 1000 (at most a quarter)",
