@@ -82,6 +82,10 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     # issue 15: ldm (latent against pixel diffusion at equal training FLOPs; CLD for gDDIM)
     "latent-diffusion": "methods.latent_diffusion:LatentDiffusion",
     "gddim": "methods.gddim:GDDIM",
+    # issue 15: score-sde (Song et al. 2021's samplers, Song and Ermon 2019's annealed Langevin dynamics)
+    "probability-flow": "methods.probability_flow:ProbabilityFlow",
+    "score-sde": "methods.score_sde:ScoreSDE",
+    "ncsn": "methods.ncsn:NCSN",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -105,6 +109,8 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     # -- SDXL micro-conditioning (issue 16): crop -> cut-off objects, original size -> sharpness
     "cutoff": "metrics.microconditioning:Cutoff",
     "sharpness": "metrics.microconditioning:Sharpness",
+    # issue 15: score-sde (the likelihood through the probability-flow ODE)
+    "nll-bpd": "metrics.likelihood:NLLBitsPerDim",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={

@@ -160,6 +160,7 @@ class EvalContext:
     prompts: list[str] | None = None  # prompt i of sample i (text-conditioned runs)
     targets: list[Any] | None = None  # attributes sample i should have (attribute accuracy)
     items: list[Any] | None = None  # edit i of sample i (bench.interfaces.EditItem; editing runs)
+    model: Any = None  # the run's DiffusionModel, for a metric that ``needs_model`` (else None)
     # per-sample features already extracted (the runner's, streamed per shard), by (extractor, layer)
     streamed_features: Mapping[tuple[str, str], torch.Tensor] = field(default_factory=dict)
     _features: dict[Any, torch.Tensor] = field(default_factory=dict)

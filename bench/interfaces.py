@@ -380,9 +380,13 @@ class Metric(ABC):
     needs_prompts: ClassVar[bool] = False  # the run must have prompts (a text-to-image method)
     needs_targets: ClassVar[bool] = False  # the run must say which attributes each sample should have
     needs_edits: ClassVar[bool] = False  # the run must be an editing run (sample i edits item i)
+    needs_model: ClassVar[bool] = False  # reads the run's model (``ctx.model``): a likelihood, not a sample metric
 
     def check(self, spec: Any, reference: ReferenceSet) -> None:
         """Raise BenchError before any sampling if the run cannot give a meaningful value."""
+
+    def check_model(self, model: DiffusionModel) -> None:
+        """Raise BenchError before any sampling if the metric cannot be computed on the run's model (once loaded)."""
 
     def protocol(self, spec: Any, reference: ReferenceSet) -> dict[str, Any]:
         return {}

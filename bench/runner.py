@@ -211,6 +211,8 @@ def plan_run(spec: RunSpec) -> Plan:
     method = method_cls(args)
     method.check(model, spec.steps)
     method.check_dataset(reference)
+    for metric in metrics.values():
+        metric.check_model(model)
     c, h, w = model.sample_shape
     if (reference.has_images and (h, w) != (reference.resolution, reference.resolution)) or c != 3:
         raise BenchError(
@@ -543,6 +545,7 @@ def evaluate(plan: Plan, samples, timings, sample_features: dict[tuple[str, str]
         targets=plan.targets,
         items=plan.items,
         streamed_features=sample_features or {},
+        model=plan.model if any(m.needs_model for m in plan.metrics.values()) else None,
     )
     values: dict[str, float] = {}
     with metric_threads():  # the same values whatever the process's thread count (torchrun: one)
