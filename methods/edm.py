@@ -125,6 +125,9 @@ class EDM(Method):
         if model.scheduler_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
             raise BenchError(f"method 'edm' reads epsilon, v or sample predictions; {model.name} predicts "
                              f"{model.scheduler_config.get('prediction_type')}")
+        if model.scheduler_config.get("rescale_betas_zero_snr"):  # Lin et al. 2023: alpha-bar_T = 0, sigma_max = inf
+            raise BenchError(f"{model.name} was trained with zero terminal SNR (rescale_betas_zero_snr): its largest "
+                             f"sigma is infinite, and method 'edm' starts from noise of std sigma_max")
         low, high = self._range(model)
         a = self.args
         if a.sigma_min is not None and not low <= a.sigma_min < high:
