@@ -221,7 +221,9 @@ def embedded_iddpm_linear() -> DiffusionModel:
 
 def ncsnpp_celebahq_256() -> DiffusionModel:
     """Song et al.'s NCSN++ (VE SDE) on CelebA-HQ 256, ScoreSdeVePipeline; needs the download"""
-    return load_pixel_diffusion("google/ncsnpp-celebahq-256", name="google/ncsnpp-celebahq-256")
+    model = load_pixel_diffusion("google/ncsnpp-celebahq-256", name="google/ncsnpp-celebahq-256")
+    model.extra["data_range"] = (0.0, 1.0)  # score_sde_pytorch's VE models see data in [0, 1] (not centered)
+    return model
 
 
 def cd_imagenet64_l2() -> DiffusionModel:
