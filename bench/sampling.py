@@ -98,6 +98,8 @@ def epsilon_part(scheduler, output: torch.Tensor, sample: torch.Tensor) -> torch
     """A model output as ``scheduler`` reads it: a learned-variance model (Nichol and Dhariwal 2021: 2C channels, the
     prediction then the variance) keeps both halves only for a scheduler that uses learned variances (DDPMScheduler's
     "learned_range"); every other sampler gets the prediction, as diffusers' pipelines split it (DiTPipeline)."""
+    if not (torch.is_tensor(output) and torch.is_tensor(sample) and output.dim() > 1 and sample.dim() > 1):
+        return output  # a loop whose ``step`` predicts for itself (EDICT's coupled pair)
     channels = sample.shape[1]
     if output.shape[1] != 2 * channels:
         return output
