@@ -88,12 +88,16 @@ class ScoreSDE(Method):
               "predictor alone at equal predictor steps",
               "Song et al. 2021, Table 1 (CIFAR-10, VE and VP SDEs)", "fid",
               (("PC 200", ncsn_arm("score-sde", 200, quick_steps=100)),
-               ("P 200", ncsn_arm("score-sde", 200, quick_steps=100, corrector="none"))), "less"),
+               ("P 200", ncsn_arm("score-sde", 200, quick_steps=100, corrector="none"))), "less",
+              note="measured at --quick size only (2 seeds x 128 samples: `bench claims --method score-sde --quick`):"
+              " the means favour PC, the two seeds' interval is too wide to decide; the full size was not run"),
         Claim("pc-beats-predictor-only-equal-nfe", "predictor-corrector at 200 steps (400 NFE) beats the predictor "
               "alone at 400 steps",
               "Song et al. 2021, Table 1: PC1000 against P2000 (equal NFE)", "fid",
               (("PC 200", ncsn_arm("score-sde", 200, quick_steps=100)),
-               ("P 400", ncsn_arm("score-sde", 400, quick_steps=200, corrector="none"))), "less"),
+               ("P 400", ncsn_arm("score-sde", 400, quick_steps=200, corrector="none"))), "less",
+              note="measured at --quick size only (2 seeds x 128 samples: `bench claims --method score-sde --quick`):"
+              " the means favour PC, the two seeds' interval is too wide to decide; the full size was not run"),
     )
 
     def check(self, model: DiffusionModel, steps: int) -> None:
