@@ -17,6 +17,7 @@ Every sampler, text-to-image guidance adapter, editor and the alignment trainers
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -103,9 +104,15 @@ def epsilon_part(scheduler, output: torch.Tensor, sample: torch.Tensor) -> torch
     channels = sample.shape[1]
     if output.shape[1] != 2 * channels:
         return output
-    # a config entry the class does not take (from_config keeps it in the config) is not a learned variance
-    takes = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
-    return output if takes and scheduler.config.get("variance_type") in LEARNED_VARIANCES else output[:, :channels]
+    learned = _takes_variance_type(type(scheduler)) and scheduler.config.get("variance_type") in LEARNED_VARIANCES
+    return output if learned else output[:, :channels]
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_variance_type(cls) -> bool:
+    """Whether a scheduler class takes ``variance_type`` (from_config keeps entries a class does not take in its
+    config: DDIM configured from a learned-range model still lists one). Once per class, not per step."""
+    return "variance_type" in inspect.signature(cls.__init__).parameters
 
 
 def check_steps(model: Any, steps: int) -> None:
