@@ -135,7 +135,9 @@ class EditItem:
     ``mask`` is 1 where the edit should change the image and 0 where it should keep it (PIE-Bench's convention);
     ``target`` is the ground-truth edited image where the data set has one (the embedded world), else None;
     ``blend_words`` name the edited word in the source and the target prompt (Prompt-to-Prompt's local blend and
-    re-weighting; PIE-Bench's ``blended_word``), empty where the data set does not say.
+    re-weighting; PIE-Bench's ``blended_word``), empty where the data set does not say. ``control`` is a spatial
+    condition image (ControlNet's: an object mask or an edge map) and ``exemplar`` a reference image (Paint-by-
+    Example's), where the data set has them (issue 18).
     """
 
     key: str
@@ -147,6 +149,8 @@ class EditItem:
     target: Any = None  # uint8 numpy [H, W, 3] or None
     blend_words: tuple[str, str] = ("", "")
     instruction: str = ""
+    control: Any = None  # uint8 numpy [H, W, C] or None
+    exemplar: Any = None  # uint8 numpy [h, w, 3] or None
 
 
 def recorded_args(args: Any) -> dict[str, Any]:
