@@ -86,6 +86,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
     "ncsn": "methods.ncsn:NCSN",
+    # issue 18 (pbe): exemplar-guided inpainting (Yang et al. 2023)
+    "paint-by-example": "methods.paint_by_example:PaintByExample",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -132,6 +134,8 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",
     "embedded-restoration-sr4": "bench.restoration:RestorationSR4",
     "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
+    # issue 18 (pbe): Paint-by-Example's exemplars
+    "embedded-exemplars": "bench.exemplars:EmbeddedExemplars",
 })
 
 MODELS: Registry = Registry("model", "diffbench.models", targets={
@@ -169,4 +173,7 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
     "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
     "embedded-cld": "bench.models:embedded_cld",
+    # issue 18 (pbe): Paint-by-Example (a PaintByExamplePipeline folder)
+    "embedded-paint-by-example": "bench.models:embedded_paint_by_example",
+    "Fantasy-Studio/Paint-by-Example": "bench.models:paint_by_example_public",
 })

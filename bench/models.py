@@ -696,3 +696,120 @@ def _load_cld(folder: Path, source: str, name: str | None, embedded: bool) -> Di
 def embedded_cld() -> DiffusionModel:
     """critically-damped Langevin diffusion of the shapes world (Dockhorn et al. 2022; 16x16, UNet on (x, v), hybrid score matching; committed)"""
     return load_cld(str(EMBEDDED_WEIGHTS / "cld"), name="embedded-cld", embedded=True)
+
+
+# issue 18 (pbe): Paint-by-Example (Yang et al. 2023) -- a PaintByExamplePipeline folder ------------------------------
+import dataclasses  # noqa: E402  (kept in this block: the file's imports stay as they were)
+
+PAINT_BY_EXAMPLE_KIND = "paint-by-example"
+PIPELINE_WEIGHTS["PaintByExamplePipeline"] = ("unet", "vae", "image_encoder")
+
+
+@dataclasses.dataclass
+class PaintByExampleModel(TextToImageModel):
+    """A ``PaintByExamplePipeline``'s parts (kind "paint-by-example"): a 9-channel UNet (noisy latent, masked-image
+    latent, mask) conditioned on ``image_encoder``'s exemplar embedding (a CLIP image tower, a mapper, a projection
+    and the learned unconditional vector) instead of text; ``feature_extractor`` prepares the exemplar for it. No text
+    encoder: ``text_encoder`` and ``tokenizer`` are None."""
+
+    image_encoder: Any = None
+    feature_extractor: Any = None
+
+    def modules(self) -> list[Any]:
+        return [self.unet, self.vae, self.image_encoder]
+
+
+def load_paint_by_example(source: str, name: str | None = None, embedded: bool = False) -> PaintByExampleModel:
+    """A ``PaintByExamplePipeline`` folder or hub id (Fantasy-Studio/Paint-by-Example's layout), loaded with
+    ``from_pretrained`` in float32, safetensors only (once per process while its files are unchanged; each call gets
+    its own copy: bench.reuse)."""
+    folder = resolve_folder(source)
+    key = (PAINT_BY_EXAMPLE_KIND, str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_paint_by_example(folder, source, name, embedded))
+
+
+class _PaintByExampleLoader:
+    """A ``PaintByExamplePipeline`` built from its folder's components, each loaded by its own class (float32,
+    safetensors only). diffusers 0.42 keeps the pipeline in ``pipelines/deprecated`` and can no longer resolve the
+    image encoder's class from a ``model_index.json`` (``["diffusers", ...]`` as save_pretrained writes it, or
+    Fantasy-Studio/Paint-by-Example's ``["paint_by_example", ...]``), not even when the encoder is passed in (its
+    type check looks the class up the same way), so ``PaintByExamplePipeline.from_pretrained`` fails on every
+    folder; and ``PaintByExampleImageEncoder`` takes its ``proj_size`` (default 768) from no config: it is the
+    UNet's cross-attention width."""
+
+    @staticmethod
+    def from_pretrained(folder: Path, **kwargs: Any):
+        import diffusers
+        from diffusers import AutoencoderKL, PaintByExamplePipeline, UNet2DConditionModel
+        from diffusers.pipelines.deprecated.paint_by_example.image_encoder import PaintByExampleImageEncoder
+        from safetensors.torch import load_file
+        from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+        folder = Path(folder)
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
+        scheduler_cls = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_class_name"]
+        scheduler = getattr(diffusers, scheduler_cls).from_pretrained(folder / "scheduler")
+        enc_dir = folder / "image_encoder"
+        encoder = PaintByExampleImageEncoder(CLIPVisionConfig.from_pretrained(enc_dir),
+                                             proj_size=unet.config.cross_attention_dim)
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(enc_dir.glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"{enc_dir}: weights do not fit PaintByExampleImageEncoder (missing "
+                             f"{', '.join(missing[:3]) or 'none'}; unexpected {', '.join(unexpected[:3]) or 'none'})")
+        return PaintByExamplePipeline(vae=vae, image_encoder=encoder.eval(), unet=unet, scheduler=scheduler,
+                                      safety_checker=None,
+                                      feature_extractor=CLIPImageProcessor.from_pretrained(folder / "feature_extractor"),
+                                      requires_safety_checker=False)
+
+
+def _load_paint_by_example(folder: Path, source: str, name: str | None, embedded: bool) -> PaintByExampleModel:
+    if pipeline_class(folder) != "PaintByExamplePipeline":
+        raise BenchError(f"{folder} is not a PaintByExamplePipeline folder (model_index.json names "
+                         f"{pipeline_class(folder)})")
+    files = _pipeline_files(folder, "PaintByExamplePipeline")
+    files += [p for p in sorted((folder / "feature_extractor").glob("*.json"))]
+    pipe = _from_pretrained(_PaintByExampleLoader, folder, source, name)
+    if pipe.feature_extractor is None:
+        raise BenchError(f"{folder} has no feature_extractor (the exemplar's CLIPImageProcessor)")
+    if pipe.unet.config.in_channels != 2 * pipe.vae.config.latent_channels + 1:
+        raise BenchError(f"{folder}/unet takes {pipe.unet.config.in_channels} input channels; Paint-by-Example's takes "
+                         f"{2 * pipe.vae.config.latent_channels + 1} (latent, masked-image latent, mask)")
+    scheduler_config = _scheduler_config(pipe)
+    latent = pipe.unet.config.sample_size
+    h, w = (latent, latent) if isinstance(latent, int) else tuple(latent)
+    factor = pipe.vae_scale_factor
+    return PaintByExampleModel(
+        name=name or source,
+        source=str(source),
+        digest=file_digest(files, extra={"scheduler": scheduler_config,
+                                         "vae_scaling_factor": pipe.vae.config.scaling_factor}),
+        kind=PAINT_BY_EXAMPLE_KIND,
+        unet=pipe.unet,
+        scheduler_config=scheduler_config,
+        sample_shape=(3, h * factor, w * factor),
+        embedded=embedded,
+        vae=pipe.vae,
+        latent_shape=(pipe.vae.config.latent_channels, h, w),
+        pipeline=pipe,
+        image_encoder=pipe.image_encoder,
+        feature_extractor=pipe.feature_extractor,
+    )
+
+
+PIPELINE_LOADERS["PaintByExamplePipeline"] = load_paint_by_example
+
+
+def embedded_paint_by_example() -> PaintByExampleModel:
+    """Paint-by-Example of the shapes world: embedded-t2i's UNet widened to 9 channels, the evaluation CLIP's image tower (committed)"""
+    return load_paint_by_example(str(EMBEDDED_WEIGHTS / "paint-by-example"), name="embedded-paint-by-example",
+                                 embedded=True)
+
+
+def paint_by_example_public() -> PaintByExampleModel:
+    """Fantasy-Studio/Paint-by-Example: the paper's released checkpoint (SD-1.4 based, 512x512; needs the download)"""
+    return load_paint_by_example("Fantasy-Studio/Paint-by-Example", name="Fantasy-Studio/Paint-by-Example")

@@ -48,6 +48,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
     "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
     "cld": ("bench.recipes.cld", "Recipe", "cld"),
+    # issue 18 (pbe): Paint-by-Example's PaintByExamplePipeline folder (the t2i UNet widened, the eval CLIP's tower)
+    "paint-by-example": ("bench.recipes.paint_by_example", "Recipe", "paint-by-example"),
 }
 
 
