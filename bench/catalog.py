@@ -86,6 +86,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
     "ncsn": "methods.ncsn:NCSN",
+    # issue 18 (controlnet)
+    "controlnet": "methods.controlnet:ControlNet",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -111,6 +113,8 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     "sharpness": "metrics.microconditioning:Sharpness",
     # issue 15: score-sde (the likelihood through the probability-flow ODE)
     "nll-bpd": "metrics.likelihood:NLLBitsPerDim",
+    # issue 18 (controlnet)
+    "control-iou": "metrics.control:ControlIoU",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={
@@ -132,6 +136,8 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",
     "embedded-restoration-sr4": "bench.restoration:RestorationSR4",
     "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
+    # issue 18 (controlnet)
+    "embedded-controls": "bench.controls:EmbeddedControls",
 })
 
 MODELS: Registry = Registry("model", "diffbench.models", targets={

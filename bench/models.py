@@ -696,3 +696,38 @@ def _load_cld(folder: Path, source: str, name: str | None, embedded: bool) -> Di
 def embedded_cld() -> DiffusionModel:
     """critically-damped Langevin diffusion of the shapes world (Dockhorn et al. 2022; 16x16, UNet on (x, v), hybrid score matching; committed)"""
     return load_cld(str(EMBEDDED_WEIGHTS / "cld"), name="embedded-cld", embedded=True)
+
+
+# issue 18 (controlnet): ControlNets (Zhang et al. 2023), the spatial-condition branch a text-to-image adapter adds --
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+EMBEDDED_CONTROLNETS = {"embedded-controlnet-mask": "controlnet-mask"}  # name -> folder under EMBEDDED_WEIGHTS
+
+
+def controlnet_folder(source: str) -> Path:
+    """The folder of a ControlNet: an embedded name (its committed folder; missing: the command that trains it), a local
+    ``save_pretrained`` folder, or a hub id through the Hugging Face cache (offline and missing: one line)."""
+    if source in EMBEDDED_CONTROLNETS:
+        folder = EMBEDDED_WEIGHTS / EMBEDDED_CONTROLNETS[source]
+        if not (folder / CONTROLNET_FILES[1]).is_file():
+            raise BenchError(f"the embedded ControlNet {source} is not in {folder}: train it with "
+                             f"`bench embedded train {EMBEDDED_CONTROLNETS[source]}`")
+        return folder
+    return resolve_folder(source)
+
+
+def load_controlnet(source: str):
+    """A diffusers ``ControlNetModel`` from ``controlnet_folder(source)`` (safetensors only), frozen, and the digest of
+    its files."""
+    folder = controlnet_folder(source)
+    missing = [f for f in CONTROLNET_FILES if not (folder / f).is_file()]
+    if missing:
+        raise BenchError(f"{folder} is not a ControlNetModel folder: it lacks {', '.join(missing)} (safetensors "
+                         f"weights are required; nothing is unpickled)")
+    from diffusers import ControlNetModel
+
+    try:
+        with quiet_loading():
+            net = ControlNetModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+    except Exception as exc:
+        raise BenchError(f"cannot load the ControlNet {source} from {folder}: {_first_line(exc)}") from None
+    return net.eval().requires_grad_(False), file_digest([folder / f for f in CONTROLNET_FILES])

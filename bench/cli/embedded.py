@@ -48,6 +48,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
     "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
     "cld": ("bench.recipes.cld", "Recipe", "cld"),
+    # issue 18 (controlnet): a ControlNet of embedded-t2i conditioned on object masks
+    "controlnet-mask": ("bench.recipes.controlnet", "Recipe", "controlnet-mask"),
 }
 
 
