@@ -88,6 +88,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "ncsn": "methods.ncsn:NCSN",
     # issue 18 (controlnet)
     "controlnet": "methods.controlnet:ControlNet",
+    # issue 18 (ip2p): InstructPix2Pix (an instruction-following editor trained on rendered edits)
+    "instruct-pix2pix": "methods.instruct_pix2pix:InstructPix2Pix",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -175,4 +177,7 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
     "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
     "embedded-cld": "bench.models:embedded_cld",
+    # issue 18 (ip2p): InstructPix2Pix (the embedded editor, and the public checkpoint through the same loader)
+    "embedded-instruct-pix2pix": "bench.models:embedded_instruct_pix2pix",
+    "timbrooks/instruct-pix2pix": "bench.models:instruct_pix2pix",
 })

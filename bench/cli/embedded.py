@@ -50,6 +50,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "cld": ("bench.recipes.cld", "Recipe", "cld"),
     # issue 18 (controlnet): a ControlNet of embedded-t2i conditioned on object masks
     "controlnet-mask": ("bench.recipes.controlnet", "Recipe", "controlnet-mask"),
+    # issue 18 (ip2p): InstructPix2Pix, embedded-t2i fine-tuned on rendered instruction edits
+    "instruct-pix2pix": ("bench.recipes.instruct_pix2pix", "Recipe", "instruct-pix2pix"),
 }
 
 
