@@ -86,6 +86,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
     "ncsn": "methods.ncsn:NCSN",
+    # issue 18 (imagic)
+    "imagic": "methods.imagic:Imagic",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
