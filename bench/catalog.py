@@ -90,6 +90,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "controlnet": "methods.controlnet:ControlNet",
     # issue 18 (ip2p): InstructPix2Pix (an instruction-following editor trained on rendered edits)
     "instruct-pix2pix": "methods.instruct_pix2pix:InstructPix2Pix",
+    # issue 18 (imagic)
+    "imagic": "methods.imagic:Imagic",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
