@@ -86,6 +86,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
     "ncsn": "methods.ncsn:NCSN",
+    # issue 18 (diffusionclip)
+    "diffusionclip": "methods.diffusionclip:DiffusionCLIP",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -132,6 +134,8 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",
     "embedded-restoration-sr4": "bench.restoration:RestorationSR4",
     "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
+    # issue 18 (diffusionclip)
+    "embedded-recolor32": "bench.attribute_edits:EmbeddedRecolor32",
 })
 
 MODELS: Registry = Registry("model", "diffbench.models", targets={

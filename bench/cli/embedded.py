@@ -48,6 +48,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
     "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
     "cld": ("bench.recipes.cld", "Recipe", "cld"),
+    # issue 18 (diffusionclip): embedded-t2i's UNet fine-tuned red -> blue with the directional CLIP loss
+    "diffusionclip-blue": ("bench.recipes.diffusionclip", "Recipe", "diffusionclip-blue"),
 }
 
 
