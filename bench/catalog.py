@@ -92,6 +92,8 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "instruct-pix2pix": "methods.instruct_pix2pix:InstructPix2Pix",
     # issue 18 (imagic)
     "imagic": "methods.imagic:Imagic",
+    # issue 18 (diffusionclip)
+    "diffusionclip": "methods.diffusionclip:DiffusionCLIP",
 })
 
 METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfaces:Metric", targets={
@@ -142,6 +144,8 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
     # issue 18 (controlnet)
     "embedded-controls": "bench.controls:EmbeddedControls",
+    # issue 18 (diffusionclip)
+    "embedded-recolor32": "bench.attribute_edits:EmbeddedRecolor32",
 })
 
 MODELS: Registry = Registry("model", "diffbench.models", targets={

@@ -52,6 +52,8 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "controlnet-mask": ("bench.recipes.controlnet", "Recipe", "controlnet-mask"),
     # issue 18 (ip2p): InstructPix2Pix, embedded-t2i fine-tuned on rendered instruction edits
     "instruct-pix2pix": ("bench.recipes.instruct_pix2pix", "Recipe", "instruct-pix2pix"),
+    # issue 18 (diffusionclip): embedded-t2i's UNet fine-tuned red -> blue with the directional CLIP loss
+    "diffusionclip-blue": ("bench.recipes.diffusionclip", "Recipe", "diffusionclip-blue"),
 }
 
 
