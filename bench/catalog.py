@@ -86,6 +86,14 @@ METHODS: Registry = Registry("method", "diffbench.methods", base="bench.interfac
     "probability-flow": "methods.probability_flow:ProbabilityFlow",
     "score-sde": "methods.score_sde:ScoreSDE",
     "ncsn": "methods.ncsn:NCSN",
+    # issue 18 (controlnet)
+    "controlnet": "methods.controlnet:ControlNet",
+    # issue 18 (ip2p): InstructPix2Pix (an instruction-following editor trained on rendered edits)
+    "instruct-pix2pix": "methods.instruct_pix2pix:InstructPix2Pix",
+    # issue 18 (imagic)
+    "imagic": "methods.imagic:Imagic",
+    # issue 18 (diffusionclip)
+    "diffusionclip": "methods.diffusionclip:DiffusionCLIP",
     # issue 18 (pbe): exemplar-guided inpainting (Yang et al. 2023)
     "paint-by-example": "methods.paint_by_example:PaintByExample",
 })
@@ -113,6 +121,8 @@ METRICS: Registry = Registry("metric", "diffbench.metrics", base="bench.interfac
     "sharpness": "metrics.microconditioning:Sharpness",
     # issue 15: score-sde (the likelihood through the probability-flow ODE)
     "nll-bpd": "metrics.likelihood:NLLBitsPerDim",
+    # issue 18 (controlnet)
+    "control-iou": "metrics.control:ControlIoU",
 })
 
 DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.interfaces:ReferenceSet", targets={
@@ -134,6 +144,10 @@ DATASETS: Registry = Registry("dataset", "diffbench.datasets", base="bench.inter
     "embedded-restoration-inpainting": "bench.restoration:RestorationInpainting",
     "embedded-restoration-sr4": "bench.restoration:RestorationSR4",
     "embedded-restoration-colorization": "bench.restoration:RestorationColorization",
+    # issue 18 (controlnet)
+    "embedded-controls": "bench.controls:EmbeddedControls",
+    # issue 18 (diffusionclip)
+    "embedded-recolor32": "bench.attribute_edits:EmbeddedRecolor32",
     # issue 18 (pbe): Paint-by-Example's exemplars
     "embedded-exemplars": "bench.exemplars:EmbeddedExemplars",
 })
@@ -173,6 +187,9 @@ MODELS: Registry = Registry("model", "diffbench.models", targets={
     "embedded-t2i-budget": "bench.models:embedded_t2i_budget",
     "embedded-pixel-t2i": "bench.models:embedded_pixel_t2i",
     "embedded-cld": "bench.models:embedded_cld",
+    # issue 18 (ip2p): InstructPix2Pix (the embedded editor, and the public checkpoint through the same loader)
+    "embedded-instruct-pix2pix": "bench.models:embedded_instruct_pix2pix",
+    "timbrooks/instruct-pix2pix": "bench.models:instruct_pix2pix",
     # issue 18 (pbe): Paint-by-Example (a PaintByExamplePipeline folder)
     "embedded-paint-by-example": "bench.models:embedded_paint_by_example",
     "Fantasy-Studio/Paint-by-Example": "bench.models:paint_by_example_public",

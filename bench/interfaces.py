@@ -280,6 +280,10 @@ class Method(ABC):
     def check_dataset(self, reference: "ReferenceSet") -> None:
         """Raise BenchError if this method cannot run on the data set (personalization trains on it)."""
 
+    def check_items(self, items: "list[EditItem]") -> None:
+        """Raise BenchError if an editing run's items cannot be run (a control image of the wrong size), before the
+        run exists. Default: nothing to check."""
+
     def protocol(self, model: DiffusionModel) -> dict[str, Any]:
         """What else defines this method's samples, recorded and hashed into the run (the resolved scheduler
         config, a guidance classifier's digest, ...). Default: nothing beyond the name and the options."""

@@ -698,6 +698,99 @@ def embedded_cld() -> DiffusionModel:
     return load_cld(str(EMBEDDED_WEIGHTS / "cld"), name="embedded-cld", embedded=True)
 
 
+# issue 18 (controlnet): ControlNets (Zhang et al. 2023), the spatial-condition branch a text-to-image adapter adds --
+CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+EMBEDDED_CONTROLNETS = {"embedded-controlnet-mask": "controlnet-mask"}  # name -> folder under EMBEDDED_WEIGHTS
+
+
+def controlnet_folder(source: str) -> Path:
+    """The folder of a ControlNet: an embedded name (its committed folder; missing: the command that trains it), a local
+    ``save_pretrained`` folder, or a hub id through the Hugging Face cache (offline and missing: one line)."""
+    if source in EMBEDDED_CONTROLNETS:
+        folder = EMBEDDED_WEIGHTS / EMBEDDED_CONTROLNETS[source]
+        if not (folder / CONTROLNET_FILES[1]).is_file():
+            raise BenchError(f"the embedded ControlNet {source} is not in {folder}: train it with "
+                             f"`bench embedded train {EMBEDDED_CONTROLNETS[source]}`")
+        return folder
+    return resolve_folder(source)
+
+
+def load_controlnet(source: str):
+    """A diffusers ``ControlNetModel`` from ``controlnet_folder(source)`` (safetensors only), frozen, and the digest of
+    its files."""
+    folder = controlnet_folder(source)
+    missing = [f for f in CONTROLNET_FILES if not (folder / f).is_file()]
+    if missing:
+        raise BenchError(f"{folder} is not a ControlNetModel folder: it lacks {', '.join(missing)} (safetensors "
+                         f"weights are required; nothing is unpickled)")
+    from diffusers import ControlNetModel
+
+    try:
+        with quiet_loading():
+            net = ControlNetModel.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)
+    except Exception as exc:
+        raise BenchError(f"cannot load the ControlNet {source} from {folder}: {_first_line(exc)}") from None
+    return net.eval().requires_grad_(False), file_digest([folder / f for f in CONTROLNET_FILES])
+
+
+# issue 18 (ip2p): InstructPix2Pix (Brooks et al. 2023) -- a StableDiffusionInstructPix2PixPipeline folder ------------
+INSTRUCT_PIX2PIX_KIND = "instruct-pix2pix"  # methods/instruct_pix2pix.py: the UNet also takes the source's latent
+
+
+def load_instruct_pix2pix(source: str, name: str | None = None, embedded: bool = False) -> TextToImageModel:
+    """A ``StableDiffusionInstructPix2PixPipeline`` folder or hub id (timbrooks/instruct-pix2pix's layout: SD-1.x's
+    components, a UNet whose input is the noisy latent and the source image's latent, 8 channels), loaded with
+    ``from_pretrained`` in float32 without the safety checker (once per process while its files are unchanged; each
+    call gets its own copy: bench.reuse). Kind "instruct-pix2pix": ``latent_shape`` is the noisy latent's shape (the
+    UNet's ``out_channels``), not the UNet's input."""
+    folder = resolve_folder(source)
+    key = (INSTRUCT_PIX2PIX_KIND, str(source), name, embedded, reuse.files_signature([folder]))
+    return reuse.copied(key, lambda: _load_instruct_pix2pix(folder, source, name, embedded))
+
+
+def _load_instruct_pix2pix(folder: Path, source: str, name: str | None, embedded: bool) -> TextToImageModel:
+    if pipeline_class(folder) != "StableDiffusionInstructPix2PixPipeline":
+        raise BenchError(f"{folder} is not a StableDiffusionInstructPix2PixPipeline folder (model_index.json names "
+                         f"{pipeline_class(folder)})")
+    missing = [f for f in SD_WEIGHT_FILES if not (folder / f).exists()]
+    if missing:
+        raise BenchError(f"{folder} lacks {', '.join(missing)} (safetensors weights are required; nothing is unpickled)")
+    from diffusers import StableDiffusionInstructPix2PixPipeline  # lazy: see _load_text_to_image
+
+    try:
+        with _quiet_loading(), quiet_loading():
+            pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+                folder, safety_checker=None, requires_safety_checker=False, dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:
+        raise BenchError(f"cannot load model {name or source} from {folder}: {_first_line(exc)}") from None
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval().requires_grad_(False)
+    latent_channels = pipe.vae.config.latent_channels
+    if pipe.unet.config.in_channels != 2 * latent_channels or pipe.unet.config.out_channels != latent_channels:
+        raise BenchError(f"{folder}/unet takes {pipe.unet.config.in_channels} channels and predicts "
+                         f"{pipe.unet.config.out_channels}; InstructPix2Pix's takes the noisy latent and the source's "
+                         f"latent ({2 * latent_channels}) and predicts the noise ({latent_channels})")
+    files = [folder / f for f in SD_WEIGHT_FILES + SD_TOKENIZER_FILES if (folder / f).exists()]
+    fields = _latent_t2i_fields(pipe, files, source, name, embedded)
+    fields["latent_shape"] = (latent_channels, *fields["latent_shape"][1:])
+    return TextToImageModel(**fields, kind=INSTRUCT_PIX2PIX_KIND)
+
+
+PIPELINE_LOADERS["StableDiffusionInstructPix2PixPipeline"] = load_instruct_pix2pix
+
+
+def embedded_instruct_pix2pix() -> TextToImageModel:
+    """embedded-t2i fine-tuned into an InstructPix2Pix editor (8-channel UNet: noisy latent + source latent; rendered instruction edits; committed)"""
+    return load_instruct_pix2pix(str(EMBEDDED_WEIGHTS / "instruct-pix2pix"), name="embedded-instruct-pix2pix",
+                                 embedded=True)
+
+
+def instruct_pix2pix() -> TextToImageModel:
+    """timbrooks/instruct-pix2pix (Brooks et al. 2023), 512x512 SD-1.5 fine-tune; needs the download"""
+    return load_instruct_pix2pix("timbrooks/instruct-pix2pix", name="timbrooks/instruct-pix2pix")
+
+
 # issue 18 (pbe): Paint-by-Example (Yang et al. 2023) -- a PaintByExamplePipeline folder ------------------------------
 import dataclasses  # noqa: E402  (kept in this block: the file's imports stay as they were)
 

@@ -233,6 +233,8 @@ def plan_run(spec: RunSpec) -> Plan:
     if method.conditioning == "edit" and items is None:
         raise BenchError(f"method {method.name!r} edits images, and data set {reference.name} has no edits "
                          f"(use embedded-edits or pie-bench)")
+    if items is not None:
+        method.check_items(items)
 
     method_protocol: dict[str, Any] = {"name": method.name, "args": spec.method_args, **method.protocol(model)}
     eval_protocol = {name: m.protocol(spec, reference) for name, m in metrics.items()}
@@ -267,6 +269,9 @@ def _items_digest(items: list[EditItem]) -> str:
                              item.instruction]).encode())
         for array in (item.source, item.mask, item.target):
             h.update(b"-" if array is None else np.ascontiguousarray(array).tobytes())
+        for array in (item.control, item.exemplar):  # issue 18's fields, hashed where present (older hashes kept)
+            if array is not None:
+                h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
 

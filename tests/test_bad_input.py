@@ -255,6 +255,14 @@ CASES = [
     ("sync-time", ["sync", "{files}/sync-time"], 2, "'start_time'"),
     ("sync-no-record", ["sync", "{files}/report-folder"], 2, "no mlflow-pending.json"),
     ("sync-root-missing", ["sync", "--output-root", "{files}/no-such-root"], 2, "not a folder"),
+    # issue 18 (diffusionclip): a --finetuned that is not a UNet2DConditionModel folder, one not downloaded, a data
+    # set without the recolor's source domain
+    ("diffusionclip-finetuned-not-unet", [*T2I, "--method", "diffusionclip", "--finetuned", "{model}"], 2,
+     "is not a UNet2DConditionModel folder"),
+    ("diffusionclip-finetuned-offline", [*T2I, "--method", "diffusionclip", "--finetuned", "nobody/no-such-unet"], 2,
+     "hf download nobody/no-such-unet"),
+    ("diffusionclip-no-source-domain", [*T2I, "--method", "diffusionclip", "--dataset", "embedded-edits"], 2,
+     "no source domain"),
 ]
 
 

@@ -48,6 +48,12 @@ TRAINABLE = {  # name: (module, recipe class, weights folder)
     "t2i-budget": ("bench.recipes.ldm", "BudgetRecipe", "t2i-budget"),
     "pixel-t2i": ("bench.recipes.ldm", "PixelRecipe", "pixel-t2i"),
     "cld": ("bench.recipes.cld", "Recipe", "cld"),
+    # issue 18 (controlnet): a ControlNet of embedded-t2i conditioned on object masks
+    "controlnet-mask": ("bench.recipes.controlnet", "Recipe", "controlnet-mask"),
+    # issue 18 (ip2p): InstructPix2Pix, embedded-t2i fine-tuned on rendered instruction edits
+    "instruct-pix2pix": ("bench.recipes.instruct_pix2pix", "Recipe", "instruct-pix2pix"),
+    # issue 18 (diffusionclip): embedded-t2i's UNet fine-tuned red -> blue with the directional CLIP loss
+    "diffusionclip-blue": ("bench.recipes.diffusionclip", "Recipe", "diffusionclip-blue"),
     # issue 18 (pbe): Paint-by-Example's PaintByExamplePipeline folder (the t2i UNet widened, the eval CLIP's tower)
     "paint-by-example": ("bench.recipes.paint_by_example", "Recipe", "paint-by-example"),
 }
