@@ -11,6 +11,7 @@ to download and where to put it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -792,7 +793,6 @@ def instruct_pix2pix() -> TextToImageModel:
 
 
 # issue 18 (pbe): Paint-by-Example (Yang et al. 2023) -- a PaintByExamplePipeline folder ------------------------------
-import dataclasses  # noqa: E402  (kept in this block: the file's imports stay as they were)
 
 PAINT_BY_EXAMPLE_KIND = "paint-by-example"
 PIPELINE_WEIGHTS["PaintByExamplePipeline"] = ("unet", "vae", "image_encoder")

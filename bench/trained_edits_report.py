@@ -26,9 +26,12 @@ from bench.tracking import Tracker
 
 
 def _mask_overlay(item: EditItem) -> np.ndarray:
-    """The source with the region to fill shown in grey (where the mask is 1)."""
+    """The source with the region to fill as a black-and-white checkerboard of 2-pixel cells (where the mask is 1)."""
     out = item.source.copy()
-    out[np.asarray(item.mask) > 0.5] = 128
+    h, w = out.shape[:2]
+    checker = ((np.arange(h)[:, None] // 2 + np.arange(w)[None, :] // 2) % 2 * 255).astype(np.uint8)
+    region = np.asarray(item.mask) > 0.5
+    out[region] = checker[region][:, None]
     return out
 
 
@@ -40,30 +43,44 @@ def _rgb(image: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Run:
+    """One output row: a `bench run` of ``method`` with ``options`` on ``model``."""
+
+    label: str
+    method: str
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+    steps: int = 50
+
+
+@dataclass(frozen=True)
 class Block:
-    """One method's rows: what it is given (from the data set's items), its runs' outputs, the ground truth."""
+    """Rows over one data set's items: what the methods are given, their outputs, the ground truth."""
 
-    title: str
     dataset: str
-    steps: int
     given: tuple[tuple[str, Callable[[EditItem], np.ndarray]], ...]
-    runs: tuple[tuple[str, str, dict[str, Any], str], ...]  # (label, method, options, model)
+    runs: tuple[Run, ...]
+    metrics: tuple[str, ...] = ("edit-ground-truth",)
     truth: str = "ground truth"
-    spec: dict[str, Any] = field(default_factory=dict)  # other RunSpec fields
 
 
-EDIT_METRICS = ("edit-ground-truth",)
 SOURCE = (("source", lambda it: it.source),)
 BLOCKS: tuple[Block, ...] = (
-    Block("ControlNet", "embedded-controls", 50, (("control (object mask)", lambda it: it.control),),
-          (("ControlNet", "controlnet", {}, "embedded-t2i"),
-           ("base (scale 0)", "controlnet", {"conditioning_scale": 0.0}, "embedded-t2i")),
-          truth="render (ground truth)", spec={"metrics": ("control-iou",)}),
-    Block("embedded-edits", "embedded-edits", 50, SOURCE,
-          (("InstructPix2Pix", "instruct-pix2pix", {}, "embedded-instruct-pix2pix"),
-           ("Imagic (eta 0.7)", "imagic", {"eta": 0.7}, "embedded-t2i"),
-           ("SDEdit (strength 0.5)", "sdedit", {}, "embedded-t2i")),
-          spec={"metrics": EDIT_METRICS}),
+    Block("embedded-controls", (("control (object mask)", lambda it: it.control),),
+          (Run("ControlNet", "controlnet", "embedded-t2i"),
+           Run("base (ControlNet scale 0)", "controlnet", "embedded-t2i", {"conditioning_scale": 0.0})),
+          metrics=("control-iou",), truth="render (ground truth)"),
+    Block("embedded-edits", SOURCE,
+          (Run("InstructPix2Pix", "instruct-pix2pix", "embedded-instruct-pix2pix"),
+           Run("Imagic (eta 0.7)", "imagic", "embedded-t2i", {"eta": 0.7}),
+           Run("SDEdit (strength 0.5)", "sdedit", "embedded-t2i"))),
+    Block("embedded-exemplars", (("source, region to fill checkered", _mask_overlay), ("exemplar", lambda it: it.exemplar)),
+          (Run("Paint-by-Example", "paint-by-example", "embedded-paint-by-example"),
+           Run("text inpainting, noun prompt", "blended-latent", "embedded-t2i",
+               {"strength": 1.0}))),
+    Block("embedded-recolor32", SOURCE,
+          (Run("DiffusionCLIP (red to blue)", "diffusionclip", "embedded-t2i", steps=40),
+           Run("SDEdit, target prompt", "sdedit", "embedded-t2i"))),
 )
 
 
@@ -79,16 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[tuple[str, np.ndarray]] = []
     for block in BLOCKS:
         items = load_dataset(block.dataset).edits(args.num_samples)
-        rows += [(f"{block.title}: {label}", np.stack([_rgb(get(it)) for it in items])) for label, get in block.given]
-        for label, method, options, model in block.runs:
-            spec = RunSpec(method=method, method_args=options, model=model, dataset=block.dataset,
-                           steps=block.steps, num_samples=args.num_samples, **block.spec,
-                           output=str(Path(args.output_root) / f"trained-edit-{method}-{'-'.join(map(str, options.values())) or 'default'}"))
+        rows += [(f"{block.dataset}: {label}", np.stack([_rgb(get(it)) for it in items])) for label, get in block.given]
+        for run in block.runs:
+            name = "-".join([run.method, block.dataset, *map(str, run.options.values())])
+            spec = RunSpec(method=run.method, method_args=run.options, model=run.model, dataset=block.dataset,
+                           steps=run.steps, num_samples=args.num_samples, metrics=block.metrics,
+                           output=str(Path(args.output_root) / f"trained-edit-{name}"))
             result = execute(plan_run(spec), tracker, progress=False)
             images = np.concatenate([np.load(f) for f in sorted((result.output / "samples").glob("shard-*.npy"))])
-            rows.append((f"{block.title}: {label}", images))
-            print(f"{block.title} / {label}: {result.output} (MLflow run {result.run_id})", flush=True)
-        rows.append((f"{block.title}: {block.truth}", np.stack([_rgb(it.target) for it in items])))
+            rows.append((run.label, images))
+            print(f"{run.label}: {result.output} (MLflow run {result.run_id})", flush=True)
+        rows.append((f"{block.truth}", np.stack([_rgb(it.target) for it in items])))
     grid(rows, Path(args.grid), list(range(args.num_samples)), scale=3)
     print(f"grid: {args.grid}")
     return 0

@@ -93,7 +93,7 @@ class Fit:
 # -- the claims' arms -------------------------------------------------------------------------------------------------
 CLAIM_ETAS = (0.0, 0.4, 0.7, 1.0)
 IMAGIC_METRICS = ("edit-background", "reconstruction", "edit-clip", "attribute-accuracy")
-CLAIM_EDITS = 16  # the paper's stages cost ~45 s per image on 2 CPU cores: 16 edits (4 per edit type), not 64
+CLAIM_EDITS = 16  # the paper's per-image stages dominate a claim's cost (each run's train_seconds): 16 edits (4 per edit type), not 64
 
 
 def along_eta(eta: float) -> Arm:
