@@ -99,7 +99,9 @@ def test_coupled_step_is_eq14_over_ddim_steps(tiny64, items3, leapfrog):
         x = p * x + (1 - p) * y
         y = p * y + (1 - p) * x
         ours = m.coupled_step(den, pair, t, k, cond, uncond, scheduler)
-        assert torch.allclose(ours, torch.stack([x, y]), rtol=1e-6, atol=1e-6), (ours - torch.stack([x, y])).abs().max()
+        # rtol 1e-5: the UNet's float32 sums differ by batch size and CPU (values reach ~30; Intel gave 7e-6 where AMD
+        # gave under 1e-6); a wrong coupling or mixing is off by O(1)
+        assert torch.allclose(ours, torch.stack([x, y]), rtol=1e-5, atol=1e-5), (ours - torch.stack([x, y])).abs().max()
         back = m.inverse_step(den, ours, t, k, cond, uncond, scheduler)
         assert torch.allclose(back, pair, atol=1e-8), (back - pair).abs().max()
 
@@ -135,7 +137,9 @@ def test_sample_i_depends_on_item_i_and_seed_i_alone(tiny, tiny64, items3, name,
     steps = 5
     both = run(model, m, items3, steps, seeds)
     alone = run(model, m, items3[1:2], steps, seeds[1:2])
-    assert torch.allclose(both[1:2], alone, atol=1e-5), (both[1:2] - alone).abs().max()
+    # atol 1e-4: float32 convolutions round differently by batch size on some CPUs (Intel: 1.6e-5 here); a sample
+    # that read another item or seed is off by far more
+    assert torch.allclose(both[1:2], alone, atol=1e-4), (both[1:2] - alone).abs().max()
     if name == "blended-latent":  # the seed matters where noise is drawn (EDICT is deterministic)
         assert not torch.allclose(run(model, m, items3[1:2], steps, [seeds[1] + 1]), alone)
 
