@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.embedded.shapes import (COLORS, RENDERER_VERSION, Scene, WorldConfig, render, sample_scene, scene_rng)
+from bench.embedded.shapes import (RENDERER_VERSION, Scene, WorldConfig, render, sample_scene, scene_rng)
 from bench.evaluation import UInt8Images
 from bench.interfaces import EditItem, Prompt, ReferenceSet
 

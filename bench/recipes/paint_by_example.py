@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bench.embedded.eval_clip import CLIP_MEAN, CLIP_STD, build_from_state_dict, load_state_dict_file
+from bench.embedded.eval_clip import CLIP_MEAN, CLIP_STD, load_state_dict_file
 from bench.exemplars import EXEMPLAR_TRAIN_SEED, training_pairs
 from bench.finetune import BudgetMeter, trainable_parameters, training_scheduler
 from bench.models import EMBEDDED_WEIGHTS, embedded_t2i
