@@ -105,3 +105,19 @@ def flux_dev_dir(tmp_path_factory):
     from tests.tiny_families import save_tiny_flux
 
     return save_tiny_flux(tmp_path_factory.mktemp("tiny-flux-dev"), dev=True)
+
+
+# the tiny random StableDiffusionPipeline (tests/tiny_t2i.py) in SD's folder format, once per test module; a module
+# that needs another tiny text-to-image model defines its own tiny_dir / tiny
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.tiny_t2i import save_tiny_t2i
+
+    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from bench.models import load_model
+
+    return load_model(str(tiny_dir))

@@ -18,14 +18,8 @@ from bench.errors import BenchError
 from bench.interfaces import Batch
 from bench.spec import RunSpec
 from tests.test_personalization import file_digests, generate, method, tiny
-from tests.tiny_t2i import save_tiny_t2i
 
 COMPOSED = ("a large <orange> <diamond> on a black background", "a small <orange> <diamond> on a white background")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
 
 
 # -- Celeb Basis: the basis -------------------------------------------------------------------------------------------------

@@ -16,22 +16,10 @@ from bench.denoiser import CountingDenoiser
 from bench.embedded.shapes import make_scenes, render
 from bench.errors import BenchError
 from bench.interfaces import Batch, EditItem
-from bench.models import load_model
 from metrics.control import iou, segment, condition_masks
-from tests.tiny_t2i import save_tiny_t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SEEDS = (11, 22)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from bench.embedded.shapes import render
 from bench.errors import BenchError
 from bench.models import EMBEDDED_WEIGHTS, load_model
 from bench.spec import RunSpec
-from tests.tiny_t2i import save_tiny_t2i
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -229,16 +228,6 @@ def test_real_image_backbones_missing_are_one_line(tmp_path, monkeypatch):
 
 
 # -- the adapters on a tiny random StableDiffusionPipeline -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(str(tiny_dir))
-
-
 @pytest.fixture(scope="module")
 def items4():
     return EmbeddedEdits().edits(4)

@@ -10,21 +10,10 @@ from bench.denoiser import CountingDenoiser
 from bench.errors import BenchError
 from bench.models import EMBEDDED_WEIGHTS, load_model
 from bench.spec import RunSpec
-from tests.tiny_t2i import save_tiny_t2i
 
 PROMPTS = ["a small red circle on a black background", "a large blue square and a small green triangle on a white background",
            "a small yellow triangle on a gray background"]
 SEEDS = [11, 22, 33]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(str(tiny_dir))
 
 
 def method(name, **args):

@@ -18,9 +18,7 @@ from bench.denoiser import CountingDenoiser, sample_seed
 from bench.editing import EmbeddedEdits
 from bench.errors import BenchError
 from bench.interfaces import Batch
-from bench.models import load_model
 from methods.imagic import Imagic
-from tests.tiny_t2i import save_tiny_t2i
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(embedding_steps=3, embedding_lr=0.05, finetune_steps=3, finetune_lr=1e-2)
@@ -28,16 +26,6 @@ SMALL = dict(embedding_steps=3, embedding_lr=0.05, finetune_steps=3, finetune_lr
 
 def make(**args) -> Imagic:
     return Imagic(Imagic.parse_args(args))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    return load_model(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from bench.denoiser import CountingDenoiser
 from bench.errors import BenchError
 from bench.interfaces import Batch
 from bench.models import EMBEDDED_WEIGHTS, load_model
-from tests.tiny_t2i import save_tiny_t2i
 
 PROMPTS = ["a small red circle on a black background", "a large blue square and a small green triangle on a white "
            "background", "a small yellow triangle on a gray background"]
@@ -27,11 +26,6 @@ def method(name, **args):
 
     cls = METHODS.get(name)
     return cls(cls.parse_args(args))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
 
 
 @pytest.fixture(scope="module")

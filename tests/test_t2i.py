@@ -11,11 +11,6 @@ from bench.models import EMBEDDED_WEIGHTS, load_model, load_text_to_image
 from tests.tiny_t2i import save_tiny_t2i
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_t2i(tmp_path_factory.mktemp("tiny-t2i"))
-
-
 def test_folder_has_sd15_layout(tiny_dir):
     index = json.loads((tiny_dir / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
