@@ -115,6 +115,14 @@ def _takes_variance_type(cls) -> bool:
     return "variance_type" in inspect.signature(cls.__init__).parameters
 
 
+def check_epsilon(model: Any, owner: str, why: str) -> None:
+    """Refuse a model that does not predict the noise, for a method whose algorithm is written in noise estimates
+    (``why`` says where, e.g. "eq. 3 guides noise estimates")."""
+    kind = model.scheduler_config.get("prediction_type", "epsilon")
+    if kind != "epsilon":
+        raise BenchError(f"method {owner!r} needs an epsilon-prediction model ({why}); {model.name} predicts {kind}")
+
+
 def check_steps(model: Any, steps: int) -> None:
     train_steps = int(model.scheduler_config.get("num_train_timesteps", 1000))
     if steps > train_steps:

@@ -54,7 +54,7 @@ from bench.files import cache_dir
 from bench.interfaces import Batch, DiffusionModel, EditItem, EditMethod, MethodCard
 from bench.spec import stable_hash
 from bench.validate import check_choice, check_option
-from methods.editing import check_edits
+from methods.editing import check_edits, source_pixels
 
 WEIGHTS_FILE = "delta_block.safetensors"
 BUDGET_FILE = "budget.json"
@@ -199,11 +199,6 @@ def clip_text_features(clip_model: Any, texts: Sequence[str]) -> torch.Tensor:
     return clip_model.encode_text(tokens.to(next(clip_model.parameters()).device)).float()
 
 
-def source_images(items: Sequence[EditItem], like: torch.Tensor) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.to(like.device, like.dtype)
-
-
 # -- the claims' arms ------------------------------------------------------------------------------------------------
 # The claims' training: Adam at lr 0.03 and an L1 weight of 0.3 instead of the official SGD 0.5 and 3.0. With the
 # official optimizer and weight, a few hundred steps (the official run takes ~12,500 at batch 1) leave the color
@@ -292,9 +287,7 @@ class Asyrp(EditMethod):
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
         sampling.check_steps(model, steps)
-        if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise BenchError(f"method {self.name!r} needs an epsilon-prediction model (eq. 4 is written in eps); "
-                             f"{model.name} predicts {model.scheduler_config['prediction_type']}")
+        sampling.check_epsilon(model, self.name, "eq. 4 is written in eps")
         from diffusers import UNet2DModel
 
         if not isinstance(model.unet, UNet2DModel) or model.unet.mid_block is None:
@@ -356,7 +349,7 @@ class Asyrp(EditMethod):
         if self.block is None:
             raise BenchError(f"method {self.name!r} generates after prepare() has trained f_t")
         param = next(model.unet.parameters())
-        x0 = source_images(items, param)
+        x0 = source_pixels(items, param)
         if tuple(x0.shape[1:]) != tuple(model.sample_shape):
             raise BenchError(f"the edits' images are {x0.shape[-1]}x{x0.shape[-2]}, model {model.name} makes "
                              f"{model.sample_shape[2]}x{model.sample_shape[1]}")
@@ -426,7 +419,7 @@ class Asyrp(EditMethod):
         clip_model.requires_grad_(False)
         gen = torch.Generator().manual_seed(int(seed))
         call = lambda x, t: unet(x, t).sample  # noqa: E731
-        x0 = source_images(items, param)
+        x0 = source_pixels(items, param)
         with torch.no_grad():
             scheduler, xT = self.invert(model, call, x0, a.train_ddim_steps)
             txt_src = clip_text_features(clip_model, [it.source_prompt for it in items])

@@ -40,7 +40,7 @@ from bench.claim import Arm, Claim
 from bench.errors import BenchError
 from bench.interfaces import Batch, DiffusionModel, EditItem, MethodCard
 from bench.validate import check_option
-from methods.editing import LatentEditor, check_edits
+from methods.editing import LatentEditor, check_edits, source_pixels
 
 EMBEDDED_FINETUNED = "embedded"  # bench/embedded/weights/diffusionclip-blue (`bench embedded train diffusionclip-blue`)
 ORIGINAL = "original"  # no fine-tuning: the inversion and its regeneration by the original model (a reconstruction)
@@ -303,11 +303,6 @@ class DiffusionCLIP(LatentEditor):
 
 
 # -- fine-tuning (the recipe's loop) -------------------------------------------------------------------------------------
-def source_pixels(items: Sequence[EditItem], like: torch.Tensor) -> torch.Tensor:
-    x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return x.to(like.device, like.dtype)
-
-
 @dataclass(frozen=True)
 class FinetuneOptions:
     """The official clip_finetune's options (README command; main.py's defaults where it sets none)."""

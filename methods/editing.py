@@ -86,6 +86,16 @@ def check_edits(batch: Batch) -> tuple[EditItem, ...]:
     return batch.edits
 
 
+def source_pixels(items: Sequence[EditItem], like: torch.Tensor, model: DiffusionModel | None = None) -> torch.Tensor:
+    """The items' source images as float [N, 3, H, W] in [-1, 1] on ``like``'s device and dtype; with ``model``,
+    refused in one line unless they are the size the model makes."""
+    x = torch.from_numpy(np.stack([np.asarray(it.source) for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if model is not None and tuple(x.shape[-2:]) != tuple(model.sample_shape[1:]):
+        raise BenchError(f"the edits' images are {x.shape[-1]}x{x.shape[-2]}, model {model.name} makes "
+                         f"{model.sample_shape[2]}x{model.sample_shape[1]}")
+    return x.to(like.device, like.dtype)
+
+
 @dataclass
 class Trajectory:
     """What an inversion hands the editing pass, over the editing steps ``timesteps`` (descending).
@@ -131,9 +141,7 @@ class LatentEditor(EditMethod):
     def check(self, model: DiffusionModel, steps: int) -> None:
         super().check(model, steps)
         sampling.check_steps(model, steps)
-        if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise BenchError(f"method {self.name!r} needs an epsilon-prediction model (its masks and inversions are "
-                             f"written in noise estimates); {model.name} predicts {model.scheduler_config['prediction_type']}")
+        sampling.check_epsilon(model, self.name, "its masks and inversions are written in noise estimates")
 
     # -- pieces ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -143,13 +151,7 @@ class LatentEditor(EditMethod):
     @staticmethod
     def encode_images(model: DiffusionModel, items: Sequence[EditItem]) -> torch.Tensor:
         """Source images -> latents: the VAE posterior's mean times its scaling factor."""
-        param = next(model.vae.parameters())
-        x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        expected = tuple(model.sample_shape[1:])
-        if tuple(x.shape[-2:]) != expected:
-            raise BenchError(f"the edits' images are {x.shape[-1]}x{x.shape[-2]}, model {model.name} makes "
-                             f"{expected[1]}x{expected[0]}")
-        latents = model.vae.encode(x.to(param.device, param.dtype)).latent_dist.mean
+        latents = model.vae.encode(source_pixels(items, next(model.vae.parameters()), model)).latent_dist.mean
         return latents * model.vae.config.scaling_factor
 
     @staticmethod

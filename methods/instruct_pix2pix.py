@@ -20,14 +20,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from bench import sampling
 from bench.claim import Claim, edit
 from bench.errors import BenchError
 from bench.interfaces import Batch, DiffusionModel, EditItem, EditMethod, MethodCard
-from methods.editing import check_edits, check_number
+from methods.editing import check_edits, check_number, source_pixels
 
 KIND = "instruct-pix2pix"  # bench.models.INSTRUCT_PIX2PIX_KIND (methods do not import the model loaders)
 MODEL = "embedded-instruct-pix2pix"
@@ -142,9 +141,7 @@ class InstructPix2Pix(EditMethod):
                              f"{model.kind}")
         super().check(model, steps)
         sampling.check_steps(model, steps)
-        if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise BenchError(f"method {self.name!r} guides noise estimates (eq. 3); {model.name} predicts "
-                             f"{model.scheduler_config['prediction_type']}")
+        sampling.check_epsilon(model, self.name, "eq. 3 guides noise estimates")
 
     def check_dataset(self, reference: Any) -> None:
         first = reference.edits(1)
@@ -174,13 +171,7 @@ class InstructPix2Pix(EditMethod):
     @staticmethod
     def image_latents(model: DiffusionModel, items: Sequence[EditItem]) -> torch.Tensor:
         """E(c_I): the sources' VAE posterior mode, unscaled (``prepare_image_latents``' ``sample_mode="argmax"``)."""
-        param = next(model.vae.parameters())
-        x = torch.from_numpy(np.stack([it.source for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        expected = tuple(model.sample_shape[1:])
-        if tuple(x.shape[-2:]) != expected:
-            raise BenchError(f"the edits' images are {x.shape[-1]}x{x.shape[-2]}, model {model.name} edits "
-                             f"{expected[1]}x{expected[0]}")
-        return model.vae.encode(x.to(param.device, param.dtype)).latent_dist.mode()
+        return model.vae.encode(source_pixels(items, next(model.vae.parameters()), model)).latent_dist.mode()
 
     def guided_eps(self, denoiser, x: torch.Tensor, t, image: torch.Tensor, cond: torch.Tensor,
                    uncond: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from bench.errors import BenchError
 from bench.files import file_digest
 from bench.interfaces import Batch, EditItem, EditMethod, MethodCard
 from bench.validate import check_option
-from methods.editing import check_edits
+from methods.editing import check_edits, source_pixels
 
 KIND = "paint-by-example"
 EMBEDDED_MODEL = "embedded-paint-by-example"
@@ -147,9 +147,7 @@ class PaintByExample(EditMethod):
     def check(self, model, steps: int) -> None:
         super().check(model, steps)
         sampling.check_steps(model, steps)
-        if model.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
-            raise BenchError(f"method {self.name!r} needs an epsilon-prediction model; {model.name} predicts "
-                             f"{model.scheduler_config['prediction_type']}")
+        sampling.check_epsilon(model, self.name, "its guidance is written in noise estimates")
 
     def check_dataset(self, reference: Any) -> None:
         edits = getattr(reference, "edits", None)
@@ -191,14 +189,10 @@ class PaintByExample(EditMethod):
 
         # 1. the start noise, then the masked image's latent (the pipeline's order of draws from each generator)
         x = sampling.initial_noise(gens, model.latent_shape, scheduler, param)
-        image = torch.from_numpy(np.stack([np.asarray(it.source) for it in items])).permute(0, 3, 1, 2).float()
-        image = image / 127.5 - 1.0
-        if tuple(image.shape[-2:]) != tuple(model.sample_shape[1:]):
-            raise BenchError(f"the items' images are {image.shape[-1]}x{image.shape[-2]}, model {model.name} makes "
-                             f"{model.sample_shape[2]}x{model.sample_shape[1]}")
+        image = source_pixels(items, param, model)
         mask = torch.from_numpy(np.stack([np.asarray(it.mask, dtype=np.float32) for it in items]))[:, None]
         keep = (1.0 - mask >= 0.5).float()  # the pipeline's 1 - mask, binarized at 0.5
-        masked = (image * keep).to(device, dtype)
+        masked = image * keep.to(device, dtype)
         vae = model.vae
         z_masked = torch.cat([vae.encode(masked[i : i + 1]).latent_dist.sample(gens[i]) for i in range(len(items))])
         z_masked = z_masked * vae.config.scaling_factor
